@@ -1,0 +1,341 @@
+//! Settings for `fanout serve`: parsed from flags and their environment twins by clap,
+//! then validated once into [`Config`]. Tests build a [`Config`] directly (or parse an
+//! argument vector with [`ServeArgs`]), so nothing here reads the process environment
+//! except clap's `env` fallback.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+/// The development secret used when no `--jwt-secret` is given. It is public (it is in the
+/// README), so any token signed with it is forgeable: fanout warns loudly when it is in use.
+pub const DEV_SECRET: &str = "fanout-dev-secret-do-not-use-in-production";
+
+/// Flags of `fanout serve` (each has an environment twin; the flag wins).
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// HTTP + WebSocket listen address.
+    #[arg(long, env = "FANOUT_LISTEN", default_value = "127.0.0.1:3000")]
+    pub listen: String,
+
+    /// Path of the WebSocket endpoint.
+    #[arg(long, env = "FANOUT_WS_PATH", default_value = "/entrypoint")]
+    pub ws_path: String,
+
+    /// External MQTT broker, mqtt://[user:pass@]host:port (mqtts:// for TLS). When unset,
+    /// fanout starts its embedded development broker on --embedded-mqtt-listen.
+    #[arg(long, env = "FANOUT_MQTT_URL")]
+    pub mqtt_url: Option<String>,
+
+    /// Where the embedded development broker listens (only without --mqtt-url), so that
+    /// mosquitto_pub and other instances can reach it.
+    #[arg(long, env = "FANOUT_EMBEDDED_MQTT_LISTEN", default_value = "127.0.0.1:1883")]
+    pub embedded_mqtt_listen: String,
+
+    /// User topic = prefix + user id.
+    #[arg(long, env = "FANOUT_TOPIC_PREFIX", default_value = "msg/")]
+    pub topic_prefix: String,
+
+    /// Topic every instance subscribes to, for messages to all connected users.
+    #[arg(long, env = "FANOUT_BROADCAST_TOPIC", default_value = "broadcast")]
+    pub broadcast_topic: String,
+
+    /// HS256 secret for verifying (and minting) tokens. Default: the public development
+    /// secret, with a loud warning.
+    #[arg(long, env = "FANOUT_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// PEM file with an RSA or EC public key: verify RS256/ES256 tokens instead of HS256.
+    #[arg(long, env = "FANOUT_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+
+    /// Instance id, used in logs, metrics and the MQTT client id fanout-<id>. Default: random.
+    #[arg(long, env = "FANOUT_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+
+    /// Largest inbound WebSocket message in bytes; bigger ones close the socket with 1009.
+    #[arg(long, env = "FANOUT_MAX_MESSAGE_BYTES", default_value_t = 65536)]
+    pub max_message_bytes: usize,
+
+    /// Per-connection outbound queue bound, in bytes of queued frames. A connection whose
+    /// queue would exceed it is closed with 4008 (slow consumer).
+    #[arg(long, env = "FANOUT_SEND_QUEUE", default_value_t = 1 << 20)]
+    pub send_queue: usize,
+
+    /// Chat messages per second per connection, sustained.
+    #[arg(long, env = "FANOUT_RATE_LIMIT", default_value_t = 20.0)]
+    pub rate_limit: f64,
+
+    /// Token-bucket capacity: at most this many messages at once.
+    #[arg(long, env = "FANOUT_RATE_BURST", default_value_t = 40)]
+    pub rate_burst: u32,
+
+    /// Enables POST /api/publish with this bearer key.
+    #[arg(long, env = "FANOUT_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Log format; levels come from RUST_LOG (default info).
+    #[arg(long, env = "FANOUT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// How tokens are verified.
+#[derive(Debug, Clone)]
+pub enum AuthMode {
+    /// HS256 with a shared secret; `dev` is true for the built-in development secret.
+    Secret { secret: String, dev: bool },
+    /// RS256/ES256 with this PEM public key.
+    PublicKey { pem: Vec<u8>, path: PathBuf },
+}
+
+/// The broker fanout talks to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerTarget {
+    pub host: String,
+    pub port: u16,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub tls: bool,
+}
+
+/// Validated settings of one instance.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub ws_path: String,
+    pub broker: BrokerTarget,
+    /// `Some(addr)` when the embedded development broker must be started on `addr`.
+    pub embedded_broker: Option<SocketAddr>,
+    pub topic_prefix: String,
+    pub broadcast_topic: String,
+    pub auth: AuthMode,
+    pub instance_id: String,
+    pub max_message_bytes: usize,
+    pub send_queue_bytes: usize,
+    pub rate_limit: f64,
+    pub rate_burst: u32,
+    pub api_key: Option<String>,
+    pub log_format: LogFormat,
+    /// Server ping interval; a peer silent for `idle_timeout` is dropped.
+    pub ping_interval: Duration,
+    pub idle_timeout: Duration,
+    /// How long a new connection waits for the broker to confirm its subscription (then 1013),
+    /// and how long a publish waits for room toward the broker (then `unavailable`).
+    pub broker_wait: Duration,
+}
+
+/// A configuration error: names the flag / variable and says what to do.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn bad(flag: &str, env: &str, what: impl std::fmt::Display) -> ConfigError {
+    ConfigError(format!("invalid {flag} (env {env}): {what}"))
+}
+
+impl ServeArgs {
+    /// Validate into a [`Config`]. Reads the public key file, nothing else.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let listen = parse_addr(&self.listen)
+            .map_err(|e| bad("--listen", "FANOUT_LISTEN", format!("{e}; expected host:port like 127.0.0.1:3000")))?;
+        if !self.ws_path.starts_with('/') {
+            return Err(bad("--ws-path", "FANOUT_WS_PATH", "must start with '/', e.g. /entrypoint"));
+        }
+        let (broker, embedded_broker) = match &self.mqtt_url {
+            Some(url) => (parse_mqtt_url(url).map_err(|e| bad("--mqtt-url", "FANOUT_MQTT_URL", e))?, None),
+            None => {
+                let addr = parse_addr(&self.embedded_mqtt_listen).map_err(|e| {
+                    bad("--embedded-mqtt-listen", "FANOUT_EMBEDDED_MQTT_LISTEN", format!("{e}; expected host:port like 127.0.0.1:1883"))
+                })?;
+                if !cfg!(feature = "embedded-broker") {
+                    return Err(ConfigError(
+                        "no --mqtt-url (env FANOUT_MQTT_URL) given and this build has no embedded broker: pass --mqtt-url mqtt://host:1883".into(),
+                    ));
+                }
+                let host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
+                (BrokerTarget { host, port: addr.port(), username: None, password: None, tls: false }, Some(addr))
+            }
+        };
+        check_topic_part(&self.topic_prefix, false).map_err(|e| bad("--topic-prefix", "FANOUT_TOPIC_PREFIX", e))?;
+        check_topic_part(&self.broadcast_topic, true).map_err(|e| bad("--broadcast-topic", "FANOUT_BROADCAST_TOPIC", e))?;
+        if !self.broadcast_topic.is_empty() && self.broadcast_topic.starts_with(&self.topic_prefix) && !self.topic_prefix.is_empty() {
+            return Err(bad("--broadcast-topic", "FANOUT_BROADCAST_TOPIC", "must not start with --topic-prefix (it would be a user topic)"));
+        }
+        let auth = match (&self.jwt_public_key, &self.jwt_secret) {
+            (Some(path), _) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    bad("--jwt-public-key", "FANOUT_JWT_PUBLIC_KEY", format!("cannot read {}: {e}", path.display()))
+                })?;
+                crate::auth::Verifier::from_public_pem(&pem).map_err(|e| {
+                    bad("--jwt-public-key", "FANOUT_JWT_PUBLIC_KEY", format!("{}: {e}", path.display()))
+                })?;
+                AuthMode::PublicKey { pem, path: path.clone() }
+            }
+            (None, Some(s)) if s.is_empty() => {
+                return Err(bad("--jwt-secret", "FANOUT_JWT_SECRET", "must not be empty"));
+            }
+            (None, Some(s)) => AuthMode::Secret { secret: s.clone(), dev: s == DEV_SECRET },
+            (None, None) => AuthMode::Secret { secret: DEV_SECRET.to_string(), dev: true },
+        };
+        let instance_id = match self.instance_id {
+            Some(id) => {
+                if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.') {
+                    return Err(bad("--instance-id", "FANOUT_INSTANCE_ID", "use 1-64 characters of [A-Za-z0-9._-]"));
+                }
+                id
+            }
+            None => uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
+        };
+        if self.max_message_bytes < 64 || self.max_message_bytes > 16 << 20 {
+            return Err(bad("--max-message-bytes", "FANOUT_MAX_MESSAGE_BYTES", "must be between 64 and 16777216"));
+        }
+        if self.send_queue < 1024 {
+            return Err(bad("--send-queue", "FANOUT_SEND_QUEUE", "must be at least 1024 (bytes)"));
+        }
+        if !(self.rate_limit > 0.0 && self.rate_limit.is_finite()) {
+            return Err(bad("--rate-limit", "FANOUT_RATE_LIMIT", "must be a positive number of messages per second"));
+        }
+        if self.rate_burst == 0 {
+            return Err(bad("--rate-burst", "FANOUT_RATE_BURST", "must be at least 1"));
+        }
+        if matches!(&self.api_key, Some(k) if k.len() < 16) {
+            return Err(bad("--api-key", "FANOUT_API_KEY", "must be at least 16 characters"));
+        }
+        Ok(Config {
+            listen,
+            ws_path: self.ws_path,
+            broker,
+            embedded_broker,
+            topic_prefix: self.topic_prefix,
+            broadcast_topic: self.broadcast_topic,
+            auth,
+            instance_id,
+            max_message_bytes: self.max_message_bytes,
+            send_queue_bytes: self.send_queue,
+            rate_limit: self.rate_limit,
+            rate_burst: self.rate_burst,
+            api_key: self.api_key,
+            log_format: self.log_format,
+            ping_interval: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(60),
+            broker_wait: Duration::from_secs(5),
+        })
+    }
+}
+
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    s.to_socket_addrs()
+        .map_err(|e| format!("'{s}': {e}"))?
+        .next()
+        .ok_or_else(|| format!("'{s}' resolves to no address"))
+}
+
+/// `mqtt://[user:pass@]host[:port]` or `mqtts://…`; also `tcp://` as an alias of `mqtt://`.
+pub fn parse_mqtt_url(s: &str) -> Result<BrokerTarget, String> {
+    let url = url::Url::parse(s).map_err(|e| format!("'{s}' is not a URL ({e}); expected mqtt://host:1883"))?;
+    let tls = match url.scheme() {
+        "mqtt" | "tcp" => false,
+        "mqtts" | "ssl" => true,
+        other => return Err(format!("scheme '{other}' is not supported; use mqtt:// or mqtts://")),
+    };
+    if tls {
+        return Err("mqtts:// needs TLS support, which this build does not include; use mqtt:// (or terminate TLS in front of the broker)".into());
+    }
+    let host = url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| format!("'{s}' has no host"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+    if url.path() != "" && url.path() != "/" {
+        return Err(format!("'{s}' has a path; expected mqtt://host:port"));
+    }
+    let port = url.port().unwrap_or(if tls { 8883 } else { 1883 });
+    let decode = |v: &str| {
+        url::form_urlencoded::parse(v.as_bytes())
+            .map(|(k, _)| k.into_owned())
+            .next()
+            .unwrap_or_default()
+    };
+    let username = (!url.username().is_empty()).then(|| decode(url.username()));
+    let password = url.password().map(decode);
+    Ok(BrokerTarget { host, port, username, password, tls })
+}
+
+fn check_topic_part(s: &str, whole: bool) -> Result<(), String> {
+    if whole && s.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if s.contains(['+', '#', '\0']) {
+        return Err("must not contain the MQTT wildcards + or # (or NUL)".into());
+    }
+    if s.starts_with('$') {
+        return Err("must not start with $ (reserved for the broker)".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut v = vec!["fanout"];
+        v.extend_from_slice(args);
+        Cli::try_parse_from(v).map_err(|e| ConfigError(e.to_string()))?.serve.validate()
+    }
+
+    #[test]
+    fn defaults_use_embedded_broker_and_dev_secret() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:3000");
+        assert_eq!(c.embedded_broker.unwrap().to_string(), "127.0.0.1:1883");
+        assert!(matches!(c.auth, AuthMode::Secret { dev: true, .. }));
+        assert_eq!(c.topic_prefix, "msg/");
+        assert_eq!(c.broadcast_topic, "broadcast");
+        assert_eq!(c.instance_id.len(), 12);
+    }
+
+    #[test]
+    fn mqtt_url_with_credentials() {
+        let t = parse_mqtt_url("mqtt://u%40x:p%3Aw@broker.example:1884").unwrap();
+        assert_eq!(t.host, "broker.example");
+        assert_eq!(t.port, 1884);
+        assert_eq!(t.username.as_deref(), Some("u@x"));
+        assert_eq!(t.password.as_deref(), Some("p:w"));
+        assert_eq!(parse_mqtt_url("mqtt://h").unwrap().port, 1883);
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        for (args, flag) in [
+            (&["--mqtt-url", "http://x"][..], "--mqtt-url"),
+            (&["--mqtt-url", "not a url"][..], "--mqtt-url"),
+            (&["--listen", "nope"][..], "--listen"),
+            (&["--ws-path", "x"][..], "--ws-path"),
+            (&["--jwt-public-key", "/nonexistent.pem"][..], "--jwt-public-key"),
+            (&["--jwt-secret", ""][..], "--jwt-secret"),
+            (&["--topic-prefix", "a/#/"][..], "--topic-prefix"),
+            (&["--instance-id", "a b"][..], "--instance-id"),
+            (&["--rate-limit", "0"][..], "--rate-limit"),
+        ] {
+            let e = parse(args).unwrap_err().to_string();
+            assert!(e.contains(flag), "{args:?}: {e}");
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! HTTP routes (warp): the WebSocket upgrade with authentication before any upgrade,
+//! `/healthz`, `/readyz`, `/metrics`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use http::{HeaderMap, StatusCode};
+use tokio_util::task::TaskTracker;
+use warp::filters::path::FullPath;
+use warp::reply::Response;
+use warp::{Filter, Rejection, Reply};
+
+use crate::auth::{AuthError, Verifier};
+use crate::session::{self, Shared};
+
+/// Everything the routes need.
+pub struct Gateway {
+    pub shared: Arc<Shared>,
+    pub verifier: Verifier,
+    /// Upgraded sessions, so shutdown can wait for them (warp does not track them).
+    pub sessions: TaskTracker,
+    /// Set at shutdown: `/readyz` answers 503 and upgrades are refused.
+    pub draining: AtomicBool,
+}
+
+/// Where the token was found, and what to echo in `Sec-WebSocket-Protocol`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct FoundToken {
+    pub token: String,
+    pub echo: Option<String>,
+}
+
+/// Finds the token: subprotocol (`<token>` or `bearer, <token>`), then `?token=`, then
+/// `Authorization: Bearer`.
+pub fn find_token(headers: &HeaderMap, query: &str) -> Option<FoundToken> {
+    let offered: Vec<String> = headers
+        .get_all(http::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if let Some(pos) = offered.iter().position(|p| p.eq_ignore_ascii_case("bearer")) {
+        if let Some(token) = offered.get(pos + 1) {
+            return Some(FoundToken { token: token.clone(), echo: Some(offered[pos].clone()) });
+        }
+    }
+    // A JWT is three base64url parts: that is the token a browser passed as the subprotocol.
+    if let Some(token) = offered.iter().find(|p| p.split('.').count() == 3) {
+        return Some(FoundToken { token: token.clone(), echo: Some(token.clone()) });
+    }
+    if let Some((_, t)) = url::form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "token") {
+        return Some(FoundToken { token: t.into_owned(), echo: None });
+    }
+    let auth = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = auth.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| FoundToken { token: token.trim().to_string(), echo: None })
+}
+
+fn json_response(status: StatusCode, body: serde_json::Value) -> Response {
+    let mut r = Response::new(body.to_string().into());
+    *r.status_mut() = status;
+    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn unauthorized(e: &AuthError) -> Response {
+    let mut r = json_response(StatusCode::UNAUTHORIZED, serde_json::json!({"error": "unauthorized", "message": e.to_string()}));
+    r.headers_mut().insert(http::header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
+    r
+}
+
+impl Gateway {
+    fn upgrade(self: &Arc<Self>, headers: HeaderMap, query: String, ws: Option<warp::ws::Ws>) -> Response {
+        let m = &self.shared.metrics;
+        if self.draining.load(Ordering::Acquire) {
+            return json_response(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"error": "unavailable", "message": "instance is shutting down"}));
+        }
+        let found = find_token(&headers, &query);
+        let verified = match &found {
+            None => Err(AuthError::Missing),
+            Some(f) => self.verifier.verify(&f.token),
+        };
+        let id = match verified {
+            Ok(id) => id,
+            Err(e) => {
+                m.auth_failed();
+                tracing::info!(reason = %e, "upgrade refused: 401");
+                return unauthorized(&e);
+            }
+        };
+        let Some(ws) = ws else {
+            return json_response(StatusCode::UPGRADE_REQUIRED, serde_json::json!({"error": "upgrade_required", "message": "this endpoint speaks WebSocket only"}));
+        };
+        let max = self.shared.cfg.max_message_bytes;
+        let shared = self.shared.clone();
+        let tracker = self.sessions.clone();
+        let reply = ws
+            .max_message_size(max)
+            .max_frame_size(max)
+            .on_upgrade(move |socket| tracker.track_future(session::serve(socket, id, shared)));
+        let mut resp = reply.into_response();
+        if let Some(echo) = found.and_then(|f| f.echo) {
+            if let Ok(v) = http::HeaderValue::from_str(&echo) {
+                resp.headers_mut().insert(http::header::SEC_WEBSOCKET_PROTOCOL, v);
+            }
+        }
+        resp
+    }
+
+    fn readyz(&self) -> Response {
+        let bus = &self.shared.bus;
+        let (ready, why) = if self.draining.load(Ordering::Acquire) {
+            (false, "shutting down")
+        } else if !bus.connected() {
+            (false, "broker link down")
+        } else if !bus.ready() {
+            (false, "subscriptions not confirmed yet")
+        } else {
+            (true, "ok")
+        };
+        let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        json_response(status, serde_json::json!({"ready": ready, "status": why, "instanceId": self.shared.cfg.instance_id}))
+    }
+
+    fn metrics(&self) -> Response {
+        let sh = &self.shared;
+        sh.metrics.set_ready(!self.draining.load(Ordering::Acquire) && sh.bus.ready());
+        let mut r = Response::new(sh.metrics.render().into());
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        );
+        r
+    }
+
+    /// All routes.
+    pub fn routes(self: Arc<Self>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone + Send + Sync + 'static {
+        let ws_path = self.shared.cfg.ws_path.clone();
+        let g = self.clone();
+        let ws = warp::get()
+            .and(warp::path::full())
+            .and_then(move |p: FullPath| {
+                let ok = p.as_str() == ws_path;
+                async move { if ok { Ok(()) } else { Err(warp::reject::not_found()) } }
+            })
+            .untuple_one()
+            .and(warp::header::headers_cloned())
+            .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+            .and(warp::ws().map(Some).or(warp::any().map(|| None)).unify())
+            .map(move |h: HeaderMap, q: String, ws: Option<warp::ws::Ws>| g.upgrade(h, q, ws));
+        let healthz = warp::get().and(warp::path("healthz")).and(warp::path::end()).map(|| {
+            json_response(StatusCode::OK, serde_json::json!({"status": "ok"}))
+        });
+        let g = self.clone();
+        let readyz = warp::get().and(warp::path("readyz")).and(warp::path::end()).map(move || g.readyz());
+        let g = self;
+        let metrics = warp::get().and(warp::path("metrics")).and(warp::path::end()).map(move || g.metrics());
+        ws.or(healthz).unify().or(readyz).unify().or(metrics).unify()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn token_sources_in_order() {
+        let t = "aaa.bbb.ccc";
+        let f = find_token(&headers(&[("sec-websocket-protocol", t)]), "").unwrap();
+        assert_eq!(f, FoundToken { token: t.into(), echo: Some(t.into()) });
+        let f = find_token(&headers(&[("sec-websocket-protocol", "bearer, aaa.bbb.ccc")]), "").unwrap();
+        assert_eq!(f, FoundToken { token: t.into(), echo: Some("bearer".into()) });
+        let f = find_token(&headers(&[("sec-websocket-protocol", "bearer"), ("sec-websocket-protocol", t)]), "").unwrap();
+        assert_eq!(f.echo.as_deref(), Some("bearer"));
+        let f = find_token(&headers(&[("authorization", "Bearer x.y.z")]), "a=1&token=q.r.s").unwrap();
+        assert_eq!(f, FoundToken { token: "q.r.s".into(), echo: None });
+        let f = find_token(&headers(&[("authorization", "Bearer x.y.z")]), "").unwrap();
+        assert_eq!(f.token, "x.y.z");
+        assert_eq!(find_token(&headers(&[("sec-websocket-protocol", "chat")]), ""), None);
+        assert_eq!(find_token(&headers(&[("authorization", "Basic abc")]), ""), None);
+    }
+}

@@ -1,0 +1,328 @@
+//! The hub: user id → local connections, and each connection's bounded outbox.
+//!
+//! No I/O and no `.await` under its lock. `add` says whether a connection is the user's
+//! first on this instance (subscribe), `remove` whether it was the last (unsubscribe).
+//! Fan-out never blocks: a frame is pushed into each outbox with a byte bound, and a
+//! connection whose outbox would overflow is flagged as a slow consumer for its session to
+//! close with 4008.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, Notify};
+use warp::ws::Message;
+
+/// How many recent message ids each user remembers to drop broker redeliveries.
+const RECENT_IDS: usize = 32;
+
+/// Result of [`Hub::add`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Added {
+    /// The user's first connection here: subscribe to its topic.
+    First,
+    /// The user already had a connection here: no broker traffic.
+    Again,
+}
+
+/// Result of [`Hub::remove`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removed {
+    /// That was the user's last connection here: unsubscribe.
+    Last,
+    /// Other connections of the user remain.
+    Remaining,
+    /// Not registered (already removed).
+    Unknown,
+}
+
+/// The sending side of one connection's outbound queue, bounded in bytes.
+#[derive(Debug)]
+pub struct Outbox {
+    tx: mpsc::UnboundedSender<Message>,
+    queued: AtomicUsize,
+    limit: usize,
+    overflowed: AtomicBool,
+    /// Wakes the session when the outbox overflowed.
+    pub overflow: Notify,
+}
+
+/// The receiving side, owned by the session's writer.
+#[derive(Debug)]
+pub struct OutboxRx {
+    rx: mpsc::UnboundedReceiver<Message>,
+}
+
+/// Result of pushing into an outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Push {
+    Queued,
+    /// The byte bound was hit: the frame was not queued and the connection must close (4008).
+    Overflow,
+    /// The session is gone.
+    Closed,
+}
+
+impl Outbox {
+    pub fn new(limit: usize) -> (Arc<Outbox>, OutboxRx) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let ob = Outbox { tx, queued: AtomicUsize::new(0), limit, overflowed: AtomicBool::new(false), overflow: Notify::new() };
+        (Arc::new(ob), OutboxRx { rx })
+    }
+
+    pub fn push(&self, msg: Message) -> Push {
+        if self.overflowed.load(Ordering::Relaxed) {
+            return Push::Overflow;
+        }
+        let len = msg.as_bytes().len();
+        let before = self.queued.fetch_add(len, Ordering::AcqRel);
+        if before + len > self.limit && before > 0 {
+            self.queued.fetch_sub(len, Ordering::AcqRel);
+            self.overflowed.store(true, Ordering::Relaxed);
+            self.overflow.notify_one();
+            return Push::Overflow;
+        }
+        match self.tx.send(msg) {
+            Ok(()) => Push::Queued,
+            Err(_) => {
+                self.queued.fetch_sub(len, Ordering::AcqRel);
+                Push::Closed
+            }
+        }
+    }
+
+    pub fn is_overflowed(&self) -> bool {
+        self.overflowed.load(Ordering::Relaxed)
+    }
+
+    /// Call after taking a frame out of the queue.
+    pub fn taken(&self, msg: &Message) {
+        self.queued.fetch_sub(msg.as_bytes().len(), Ordering::AcqRel);
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+}
+
+impl OutboxRx {
+    pub async fn recv(&mut self) -> Option<Message> {
+        self.rx.recv().await
+    }
+}
+
+/// One registered connection.
+#[derive(Debug, Clone)]
+pub struct ConnRef {
+    pub id: u128,
+    pub outbox: Arc<Outbox>,
+}
+
+#[derive(Debug, Default)]
+struct UserEntry {
+    conns: Vec<ConnRef>,
+    recent: VecDeque<u128>,
+}
+
+/// Counts of one fan-out.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Fanned {
+    pub delivered: usize,
+    pub overflowed: usize,
+    pub duplicate: bool,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    users: HashMap<String, UserEntry>,
+    connections: usize,
+    broadcast_recent: VecDeque<u128>,
+}
+
+/// User id → local connections.
+#[derive(Debug, Default)]
+pub struct Hub {
+    inner: Mutex<Inner>,
+}
+
+fn seen(recent: &mut VecDeque<u128>, id: Option<u128>) -> bool {
+    let Some(id) = id else { return false };
+    if recent.contains(&id) {
+        return true;
+    }
+    if recent.len() == RECENT_IDS {
+        recent.pop_front();
+    }
+    recent.push_back(id);
+    false
+}
+
+fn fan(conns: &[ConnRef], msg: &Message, out: &mut Fanned) {
+    for c in conns {
+        match c.outbox.push(msg.clone()) {
+            Push::Queued => out.delivered += 1,
+            Push::Overflow => out.overflowed += 1,
+            Push::Closed => {}
+        }
+    }
+}
+
+impl Hub {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn add(&self, user: &str, conn: ConnRef) -> Added {
+        let mut g = self.inner.lock();
+        g.connections += 1;
+        match g.users.get_mut(user) {
+            Some(e) => {
+                e.conns.push(conn);
+                Added::Again
+            }
+            None => {
+                g.users.insert(user.to_string(), UserEntry { conns: vec![conn], recent: VecDeque::new() });
+                Added::First
+            }
+        }
+    }
+
+    /// `f` runs under the hub lock when the removal makes the user's last connection go, so
+    /// a concurrent `add` of the same user cannot slip between the decision and its effect.
+    pub fn remove_with(&self, user: &str, conn_id: u128, on_last: impl FnOnce()) -> Removed {
+        let mut g = self.inner.lock();
+        let Some(e) = g.users.get_mut(user) else { return Removed::Unknown };
+        let Some(pos) = e.conns.iter().position(|c| c.id == conn_id) else { return Removed::Unknown };
+        e.conns.swap_remove(pos);
+        let last = e.conns.is_empty();
+        g.connections -= 1;
+        if last {
+            g.users.remove(user);
+            on_last();
+            Removed::Last
+        } else {
+            Removed::Remaining
+        }
+    }
+
+    /// Like [`Hub::add`], with `on_first` run under the lock when it is the first.
+    pub fn add_with(&self, user: &str, conn: ConnRef, on_first: impl FnOnce()) -> Added {
+        let mut g = self.inner.lock();
+        g.connections += 1;
+        if let Some(e) = g.users.get_mut(user) {
+            e.conns.push(conn);
+            return Added::Again;
+        }
+        g.users.insert(user.to_string(), UserEntry { conns: vec![conn], recent: VecDeque::new() });
+        on_first();
+        Added::First
+    }
+
+    pub fn remove(&self, user: &str, conn_id: u128) -> Removed {
+        self.remove_with(user, conn_id, || {})
+    }
+
+    /// Writes `msg` into every local connection of `user`. A message whose id (see
+    /// [`crate::wire::envelope_id`]) this user already received is not written again.
+    pub fn deliver(&self, user: &str, id: Option<u128>, msg: &Message) -> Option<Fanned> {
+        let mut g = self.inner.lock();
+        let e = g.users.get_mut(user)?;
+        let mut out = Fanned::default();
+        if seen(&mut e.recent, id) {
+            out.duplicate = true;
+            return Some(out);
+        }
+        fan(&e.conns, msg, &mut out);
+        Some(out)
+    }
+
+    /// Writes `msg` into every local connection.
+    pub fn broadcast(&self, id: Option<u128>, msg: &Message) -> Fanned {
+        let mut g = self.inner.lock();
+        let mut out = Fanned::default();
+        if seen(&mut g.broadcast_recent, id) {
+            out.duplicate = true;
+            return out;
+        }
+        for e in g.users.values() {
+            fan(&e.conns, msg, &mut out);
+        }
+        out
+    }
+
+    pub fn has_user(&self, user: &str) -> bool {
+        self.inner.lock().users.contains_key(user)
+    }
+
+    pub fn users(&self) -> usize {
+        self.inner.lock().users.len()
+    }
+
+    pub fn connections(&self) -> usize {
+        self.inner.lock().connections
+    }
+
+    /// Every registered connection (for shutdown).
+    pub fn all(&self) -> Vec<ConnRef> {
+        self.inner.lock().users.values().flat_map(|e| e.conns.iter().cloned()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(id: u128, limit: usize) -> (ConnRef, OutboxRx) {
+        let (outbox, rx) = Outbox::new(limit);
+        (ConnRef { id, outbox }, rx)
+    }
+
+    #[test]
+    fn first_and_last_are_per_user() {
+        let hub = Hub::new();
+        let (a, _ra) = conn(1, 1000);
+        let (b, _rb) = conn(2, 1000);
+        assert_eq!(hub.add("bob", a), Added::First);
+        assert_eq!(hub.add("bob", b), Added::Again);
+        assert_eq!(hub.users(), 1);
+        assert_eq!(hub.connections(), 2);
+        assert_eq!(hub.remove("bob", 1), Removed::Remaining);
+        assert_eq!(hub.remove("bob", 1), Removed::Unknown);
+        assert_eq!(hub.remove("bob", 2), Removed::Last);
+        assert_eq!(hub.users(), 0);
+        assert_eq!(hub.connections(), 0);
+        let (c, _rc) = conn(3, 1000);
+        assert_eq!(hub.add("bob", c), Added::First);
+    }
+
+    #[tokio::test]
+    async fn deliver_reaches_every_device_once_per_id() {
+        let hub = Hub::new();
+        let (a, mut ra) = conn(1, 1000);
+        let (b, mut rb) = conn(2, 1000);
+        hub.add("bob", a);
+        hub.add("bob", b);
+        let m = Message::text("hi");
+        assert_eq!(hub.deliver("bob", Some(7), &m).unwrap().delivered, 2);
+        assert!(hub.deliver("bob", Some(7), &m).unwrap().duplicate);
+        assert_eq!(hub.deliver("bob", None, &m).unwrap().delivered, 2);
+        assert!(hub.deliver("alice", None, &m).is_none());
+        assert_eq!(ra.recv().await.unwrap(), m);
+        assert_eq!(rb.recv().await.unwrap(), m);
+        assert_eq!(hub.broadcast(Some(1), &m).delivered, 2);
+        assert!(hub.broadcast(Some(1), &m).duplicate);
+    }
+
+    #[test]
+    fn outbox_overflow_is_by_bytes_and_sticky() {
+        let (ob, _rx) = Outbox::new(10);
+        assert_eq!(ob.push(Message::text("123456")), Push::Queued);
+        assert_eq!(ob.push(Message::text("123456")), Push::Overflow);
+        assert!(ob.is_overflowed());
+        assert_eq!(ob.push(Message::text("1")), Push::Overflow);
+        // A single frame larger than the bound still goes into an empty queue.
+        let (ob, _rx) = Outbox::new(4);
+        assert_eq!(ob.push(Message::text("123456")), Push::Queued);
+    }
+}

@@ -1,0 +1,41 @@
+//! # fanout
+//!
+//! A horizontally scalable WebSocket fan-out service for chat. Identical instances sit
+//! behind a load balancer and share one MQTT broker: an instance subscribes to
+//! `msg/<user_id>` only while it holds a socket of that user, and a chat message is
+//! published to the recipient's topic, so it reaches only the instances that hold the
+//! recipient. The contract is `shared/spec/protocol.md`; `README.md` says how to run it.
+//!
+//! ## Layout
+//!
+//! * [`config`] — flags and env vars, validated once into [`config::Config`].
+//! * [`auth`] — JWT verification and minting; user-id rules. Pure.
+//! * [`wire`] — client and server frames, error and close codes. Pure.
+//! * [`hub`] — user id → local connections with bounded outboxes; says first/last. No I/O.
+//! * [`bus`] — the MQTT connection: subscriptions, confirmations, reconnects, publishes,
+//!   inbound routing into the hub.
+//! * [`session`] — one WebSocket: reader, writer, pings, timeouts, rate limit.
+//! * [`gateway`] — warp routes: upgrade + auth, health, readiness, metrics.
+//! * [`metrics`] — every metric, with verb methods.
+//! * [`server`] — wires the parts together, runs them, and shuts them down in order.
+//! * `broker` — the embedded development broker (cargo feature `embedded-broker`).
+//!
+//! ## Data path of one chat message
+//!
+//! session reads a frame → [`wire::decode`] validates it (the `message` stays raw JSON) →
+//! [`wire::chat_message`] builds the envelope once → [`bus::Bus::publish`] hands it to the
+//! broker per recipient topic → the broker forwards it only to subscribed instances → their
+//! bus passes the bytes to [`hub::Hub::deliver`] → each local connection's outbox → its
+//! session writes it.
+
+pub mod auth;
+#[cfg(feature = "embedded-broker")]
+pub mod broker;
+pub mod bus;
+pub mod config;
+pub mod gateway;
+pub mod hub;
+pub mod metrics;
+pub mod server;
+pub mod session;
+pub mod wire;

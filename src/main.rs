@@ -1,0 +1,141 @@
+//! The `fanout` command line: `serve` (the default), `token`, `check-token`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use fanout::auth::Verifier;
+use fanout::config::{LogFormat, ServeArgs};
+
+#[derive(Parser)]
+#[command(
+    name = "fanout",
+    version,
+    about = "Horizontally scalable WebSocket fan-out for chat, routed per user over MQTT",
+    long_about = "Horizontally scalable WebSocket fan-out for chat, routed per user over MQTT.\n\n\
+        With no subcommand, runs the service (same as `fanout serve`). Without --mqtt-url it \
+        starts an embedded development broker; in production point --mqtt-url at Mosquitto, \
+        EMQX or VerneMQ.",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the service (the default).
+    Serve(ServeArgs),
+    /// Print a signed HS256 token for USER_ID, using the same secret settings as `serve`.
+    Token {
+        /// The user id (the token's `sub`).
+        user_id: String,
+        /// Lifetime, e.g. 30s, 15m, 1h, 7d.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Space-separated scopes, e.g. `broadcast` (allows sending to all participants).
+        #[arg(long)]
+        scope: Option<String>,
+        #[command(flatten)]
+        settings: ServeArgs,
+    },
+    /// Say whether this configuration would accept JWT, and why not. Exit 0 if accepted, 1 if not.
+    CheckToken {
+        /// The token to check.
+        jwt: String,
+        #[command(flatten)]
+        settings: ServeArgs,
+    },
+}
+
+fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn,rumqttc=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).with_span_list(false).init(),
+    }
+}
+
+fn config_error(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("fanout: {e}");
+    ExitCode::from(2)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        None => serve(cli.serve),
+        Some(Cmd::Serve(args)) => serve(args),
+        Some(Cmd::Token { user_id, ttl, scope, settings }) => {
+            let cfg = match settings.validate() {
+                Ok(c) => c,
+                Err(e) => return config_error(e),
+            };
+            let verifier = match Verifier::new(&cfg.auth) {
+                Ok(v) => v,
+                Err(e) => return config_error(e),
+            };
+            match verifier.mint(&user_id, ttl, scope.as_deref()) {
+                Ok(t) => {
+                    println!("{t}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => config_error(e),
+            }
+        }
+        Some(Cmd::CheckToken { jwt, settings }) => {
+            let cfg = match settings.validate() {
+                Ok(c) => c,
+                Err(e) => return config_error(e),
+            };
+            let verifier = match Verifier::new(&cfg.auth) {
+                Ok(v) => v,
+                Err(e) => return config_error(e),
+            };
+            match verifier.verify(&jwt) {
+                Ok(id) => {
+                    let left = id.expires_at.saturating_sub(fanout::auth::unix_now());
+                    println!(
+                        "accepted: user {:?}, expires in {}, broadcast scope: {}",
+                        id.user_id,
+                        humantime::format_duration(Duration::from_secs(left)),
+                        if id.broadcast { "yes" } else { "no" }
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    println!("rejected: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let cfg = match args.validate() {
+        Ok(c) => c,
+        Err(e) => return config_error(e),
+    };
+    init_tracing(cfg.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("fanout: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(fanout::server::serve(cfg, fanout::server::signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("fanout: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! Every metric of the instance in one struct, with verb methods, rendered as Prometheus
+//! (OpenMetrics) text by `prometheus-client`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabel {
+    source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabel {
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InfoLabels {
+    version: String,
+    instance_id: String,
+}
+
+/// Why a message or frame was dropped (label `reason` of `fanout_dropped_total`).
+#[derive(Debug, Clone, Copy)]
+pub enum Drop {
+    /// Broker delivered a message for a user with no local connection.
+    NoLocalUser,
+    /// A connection's outbox overflowed; it was closed with 4008.
+    SlowConsumer,
+    /// A redelivered message id was not written twice.
+    Duplicate,
+    /// Publish could not be handed to the broker connection in time.
+    Unavailable,
+    /// Sender exceeded its rate limit.
+    RateLimited,
+    /// Inbound broker message on a topic fanout does not serve.
+    UnknownTopic,
+}
+
+impl Drop {
+    fn label(self) -> &'static str {
+        match self {
+            Drop::NoLocalUser => "no_local_user",
+            Drop::SlowConsumer => "slow_consumer",
+            Drop::Duplicate => "duplicate",
+            Drop::Unavailable => "unavailable",
+            Drop::RateLimited => "rate_limited",
+            Drop::UnknownTopic => "unknown_topic",
+        }
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    connections: Gauge,
+    users: Gauge,
+    subscriptions: Gauge,
+    messages_in: Family<SourceLabel, Counter>,
+    delivered: Counter,
+    published: Counter,
+    dropped: Family<ReasonLabel, Counter>,
+    client_errors: Family<CodeLabel, Counter>,
+    mqtt_connected: Gauge,
+    mqtt_reconnects: Counter,
+    connects: Counter,
+    auth_failures: Counter,
+    ready: Gauge<i64, std::sync::atomic::AtomicI64>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    pub fn new(instance_id: &str) -> Self {
+        let mut r = Registry::default();
+        let m = Metrics {
+            registry: Registry::default(),
+            connections: Gauge::default(),
+            users: Gauge::default(),
+            subscriptions: Gauge::default(),
+            messages_in: Family::default(),
+            delivered: Counter::default(),
+            published: Counter::default(),
+            dropped: Family::default(),
+            client_errors: Family::default(),
+            mqtt_connected: Gauge::default(),
+            mqtt_reconnects: Counter::default(),
+            connects: Counter::default(),
+            auth_failures: Counter::default(),
+            ready: Gauge::default(),
+        };
+        r.register("fanout_connections", "Open WebSocket connections on this instance", m.connections.clone());
+        r.register("fanout_users", "Distinct users with at least one connection on this instance", m.users.clone());
+        r.register("fanout_subscriptions", "MQTT topics this instance wants subscribed (user topics + broadcast)", m.subscriptions.clone());
+        r.register("fanout_messages_in", "Messages received, by source: ws (client frames that were chat messages) or mqtt (publishes from the broker)", m.messages_in.clone());
+        r.register("fanout_messages_delivered", "Frames written into local connections' outboxes from the broker", m.delivered.clone());
+        r.register("fanout_messages_published", "MQTT publishes handed to the broker connection", m.published.clone());
+        r.register("fanout_dropped", "Messages not delivered or not published, by reason", m.dropped.clone());
+        r.register("fanout_client_errors", "error frames sent to clients, by code", m.client_errors.clone());
+        r.register("fanout_mqtt_connected", "1 while the broker link is up", m.mqtt_connected.clone());
+        r.register("fanout_mqtt_reconnects", "Broker link re-establishments after the first connect", m.mqtt_reconnects.clone());
+        r.register("fanout_connects", "WebSocket connections accepted (connected frame sent)", m.connects.clone());
+        r.register("fanout_auth_failures", "Upgrade requests refused with 401", m.auth_failures.clone());
+        r.register("fanout_ready", "1 while /readyz answers 200", m.ready.clone());
+        let info: Family<InfoLabels, Gauge> = Family::default();
+        info.get_or_create(&InfoLabels { version: env!("CARGO_PKG_VERSION").to_string(), instance_id: instance_id.to_string() }).set(1);
+        r.register("fanout_build_info", "Build and instance information", info);
+        // Every labelled series exists from the start, at 0, so dashboards and tests see it.
+        for s in ["ws", "mqtt"] {
+            let _ = m.messages_in.get_or_create(&SourceLabel { source: s });
+        }
+        for d in [Drop::NoLocalUser, Drop::SlowConsumer, Drop::Duplicate, Drop::Unavailable, Drop::RateLimited, Drop::UnknownTopic] {
+            let _ = m.dropped.get_or_create(&ReasonLabel { reason: d.label() });
+        }
+        Metrics { registry: r, ..m }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn connection_opened(&self) {
+        self.connections.inc();
+        self.connects.inc();
+    }
+    pub fn connection_closed(&self) {
+        self.connections.dec();
+    }
+    pub fn set_users(&self, n: usize) {
+        self.users.set(n as i64);
+    }
+    pub fn set_subscriptions(&self, n: usize) {
+        self.subscriptions.set(n as i64);
+    }
+    pub fn ws_message_in(&self) {
+        self.messages_in.get_or_create(&SourceLabel { source: "ws" }).inc();
+    }
+    pub fn mqtt_message_in(&self) {
+        self.messages_in.get_or_create(&SourceLabel { source: "mqtt" }).inc();
+    }
+    pub fn delivered(&self, n: usize) {
+        self.delivered.inc_by(n as u64);
+    }
+    pub fn published(&self, n: usize) {
+        self.published.inc_by(n as u64);
+    }
+    pub fn dropped(&self, why: Drop) {
+        self.dropped.get_or_create(&ReasonLabel { reason: why.label() }).inc();
+    }
+    pub fn client_error(&self, code: crate::wire::ErrorCode) {
+        self.client_errors.get_or_create(&CodeLabel { code: code.as_str() }).inc();
+    }
+    pub fn mqtt_up(&self, reconnect: bool) {
+        self.mqtt_connected.set(1);
+        if reconnect {
+            self.mqtt_reconnects.inc();
+        }
+    }
+    pub fn mqtt_down(&self) {
+        self.mqtt_connected.set(0);
+    }
+    pub fn auth_failed(&self) {
+        self.auth_failures.inc();
+    }
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(ready as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_spec_series_is_rendered_from_the_start() {
+        let m = Metrics::new("i1");
+        let text = m.render();
+        for s in [
+            "fanout_connections ",
+            "fanout_users ",
+            "fanout_subscriptions ",
+            "fanout_messages_in_total{source=\"ws\"} 0",
+            "fanout_messages_in_total{source=\"mqtt\"} 0",
+            "fanout_messages_delivered_total 0",
+            "fanout_messages_published_total 0",
+            "fanout_dropped_total{reason=\"slow_consumer\"} 0",
+            "fanout_mqtt_connected 0",
+            "fanout_mqtt_reconnects_total 0",
+        ] {
+            assert!(text.contains(s), "missing {s} in\n{text}");
+        }
+    }
+}

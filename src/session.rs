@@ -1,0 +1,281 @@
+//! One WebSocket connection: waits for the broker to confirm the user's subscription, sends
+//! `connected`, then one task serves the socket: client frames in, outbox frames out, server
+//! pings, idle and write timeouts, the token's expiry (4001), slow-consumer overflow (4008),
+//! and shutdown (1001).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, Instrument};
+use warp::ws::{Message, WebSocket};
+
+use crate::auth::{unix_millis, unix_now, Identity};
+use crate::bus::Bus;
+use crate::config::Config;
+use crate::hub::{Added, ConnRef, Hub, Outbox};
+use crate::metrics::{Drop, Metrics};
+use crate::wire::{self, close, ClientEvent, ErrorCode, Recipients, WireError};
+
+/// A socket write that takes longer than this drops the connection.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What every session shares.
+#[derive(Debug)]
+pub struct Shared {
+    pub cfg: Arc<Config>,
+    pub hub: Arc<Hub>,
+    pub bus: Arc<Bus>,
+    pub metrics: Arc<Metrics>,
+    /// Cancelled at shutdown: every session closes with 1001.
+    pub shutdown: CancellationToken,
+}
+
+/// Token bucket: `rate` per second sustained, at most `burst` at once.
+#[derive(Debug)]
+pub struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimiter {
+    pub fn new(rate: f64, burst: u32) -> Self {
+        RateLimiter { rate, burst: burst as f64, tokens: burst as f64, last: Instant::now() }
+    }
+
+    pub fn try_take_at(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Why the session loop ended.
+enum End {
+    Close(u16, &'static str),
+    /// The peer went away or the socket failed: nothing more to send.
+    Gone,
+}
+
+/// Serves one upgraded socket for `id` until it closes.
+pub async fn serve(ws: WebSocket, id: Identity, sh: Arc<Shared>) {
+    let conn_id = uuid::Uuid::new_v4();
+    let span = tracing::info_span!("conn", user_id = %id.user_id, conn_id = %conn_id, instance_id = %sh.cfg.instance_id);
+    run(ws, id, conn_id, sh).instrument(span).await
+}
+
+async fn run(ws: WebSocket, id: Identity, conn_id: uuid::Uuid, sh: Arc<Shared>) {
+    let started = Instant::now();
+    let (mut tx, mut rx) = ws.split();
+    let (outbox, mut outbox_rx) = Outbox::new(sh.cfg.send_queue_bytes);
+    let conn = ConnRef { id: conn_id.as_u128(), outbox: outbox.clone() };
+    let user = id.user_id.as_str();
+
+    let mut first = None;
+    let added = sh.hub.add_with(user, conn, || first = Some(sh.bus.subscribe_user(user)));
+    sh.metrics.set_users(sh.hub.users());
+    let confirmed = match first {
+        Some(rx) => rx,
+        None => sh.bus.wait_user(user),
+    };
+    let ok = tokio::select! {
+        r = tokio::time::timeout(sh.cfg.broker_wait, confirmed) => matches!(r, Ok(Ok(true))),
+        _ = sh.shutdown.cancelled() => false,
+    };
+    if !ok {
+        let (code, why) = if sh.shutdown.is_cancelled() {
+            (close::GOING_AWAY, "instance shutting down")
+        } else {
+            (close::TRY_AGAIN_LATER, "broker unavailable, try again later")
+        };
+        info!(first = added == Added::First, code, "refused: subscription not confirmed");
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, tx.send(Message::close_with(code, why))).await;
+        leave(&sh, user, conn_id.as_u128());
+        return;
+    }
+
+    let hello = wire::connected(user, &conn_id.to_string(), &sh.cfg.instance_id, id.expires_at);
+    let mut end = match send(&mut tx, Message::text(hello)).await {
+        Ok(()) => None,
+        Err(()) => Some(End::Gone),
+    };
+    if end.is_none() {
+        sh.metrics.connection_opened();
+        info!(first = added == Added::First, "connected");
+    }
+
+    let mut limiter = RateLimiter::new(sh.cfg.rate_limit, sh.cfg.rate_burst);
+    let expiry = tokio::time::Instant::now() + Duration::from_secs(id.expires_at.saturating_sub(unix_now()));
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + sh.cfg.ping_interval, sh.cfg.ping_interval);
+    let mut last_heard = Instant::now();
+
+    while end.is_none() {
+        let step = tokio::select! {
+            biased;
+            _ = sh.shutdown.cancelled() => Some(End::Close(close::GOING_AWAY, "instance shutting down")),
+            _ = tokio::time::sleep_until(expiry) => Some(End::Close(close::TOKEN_EXPIRED, "token expired")),
+            _ = outbox.overflow.notified() => Some(End::Close(close::SLOW_CONSUMER, "slow consumer: outbound queue overflowed")),
+            m = outbox_rx.recv() => match m {
+                Some(m) => {
+                    outbox.taken(&m);
+                    send(&mut tx, m).await.err().map(|()| End::Gone)
+                }
+                None => Some(End::Gone),
+            },
+            _ = ping.tick() => {
+                if last_heard.elapsed() > sh.cfg.idle_timeout {
+                    Some(End::Close(close::GOING_AWAY, "idle timeout"))
+                } else {
+                    send(&mut tx, Message::ping(Bytes::new())).await.err().map(|()| End::Gone)
+                }
+            }
+            m = rx.next() => {
+                last_heard = Instant::now();
+                match m {
+                    Some(Ok(m)) => on_message(&sh, &id, &mut limiter, &mut tx, m).await,
+                    Some(Err(e)) if is_too_big(&e) => Some(End::Close(close::TOO_BIG, "message too big")),
+                    Some(Err(e)) => {
+                        debug!(error = %e, "socket error");
+                        Some(End::Gone)
+                    }
+                    None => Some(End::Gone),
+                }
+            }
+        };
+        end = step;
+    }
+
+    let code = match end {
+        Some(End::Close(code, why)) => {
+            if code == close::SLOW_CONSUMER {
+                sh.metrics.dropped(Drop::SlowConsumer);
+            }
+            let _ = tokio::time::timeout(WRITE_TIMEOUT, tx.send(Message::close_with(code, why))).await;
+            code
+        }
+        _ => close::NORMAL,
+    };
+    leave(&sh, user, conn_id.as_u128());
+    sh.metrics.connection_closed();
+    info!(close_code = code, duration_ms = started.elapsed().as_millis() as u64, "disconnected");
+}
+
+fn leave(sh: &Shared, user: &str, conn_id: u128) {
+    sh.hub.remove_with(user, conn_id, || sh.bus.unsubscribe_user(user));
+    sh.metrics.set_users(sh.hub.users());
+}
+
+async fn send<S>(tx: &mut S, m: Message) -> Result<(), ()>
+where
+    S: futures_util::Sink<Message, Error = warp::Error> + Unpin,
+{
+    match tokio::time::timeout(WRITE_TIMEOUT, tx.send(m)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            debug!(error = %e, "write failed");
+            Err(())
+        }
+        Err(_) => {
+            info!("write timed out");
+            Err(())
+        }
+    }
+}
+
+fn is_too_big(e: &warp::Error) -> bool {
+    use std::error::Error;
+    let mut src: Option<&(dyn Error + 'static)> = e.source();
+    while let Some(s) = src {
+        if let Some(tungstenite::Error::Capacity(_)) = s.downcast_ref::<tungstenite::Error>() {
+            return true;
+        }
+        src = s.source();
+    }
+    false
+}
+
+async fn on_message<S>(sh: &Shared, id: &Identity, limiter: &mut RateLimiter, tx: &mut S, m: Message) -> Option<End>
+where
+    S: futures_util::Sink<Message, Error = warp::Error> + Unpin,
+{
+    if m.is_close() {
+        return Some(End::Gone);
+    }
+    if m.is_ping() || m.is_pong() {
+        return None;
+    }
+    let reply = match m.to_str() {
+        Ok(text) => handle_text(sh, id, limiter, text).await,
+        Err(()) => reject(sh, WireError::new(ErrorCode::BadJson, "binary frames are not accepted; send JSON text frames")),
+    };
+    send(tx, Message::text(reply)).await.err().map(|()| End::Gone)
+}
+
+fn reject(sh: &Shared, e: WireError) -> String {
+    sh.metrics.client_error(e.code);
+    wire::error(&e)
+}
+
+/// Handles one text frame and returns the reply frame (`ack`, `error` or `pong`).
+async fn handle_text(sh: &Shared, id: &Identity, limiter: &mut RateLimiter, text: &str) -> String {
+    let (to, message, cmid) = match wire::decode(text, id.broadcast) {
+        Ok(ClientEvent::Ping) => return wire::PONG.to_string(),
+        Ok(ClientEvent::Chat { to, message, client_message_id }) => (to, message, client_message_id),
+        Err(e) => return reject(sh, e),
+    };
+    if !limiter.try_take_at(Instant::now()) {
+        sh.metrics.dropped(Drop::RateLimited);
+        let mut e = WireError::new(ErrorCode::RateLimited, format!("more than {} messages per second", sh.cfg.rate_limit));
+        e.client_message_id = cmid;
+        return reject(sh, e);
+    }
+    sh.metrics.ws_message_in();
+    let msg_id = uuid::Uuid::new_v4().to_string();
+    let payload = Bytes::from(wire::chat_message(&msg_id, &id.user_id, &to, message, unix_millis(), cmid.as_deref()));
+    let topics: Vec<String> = match &to {
+        Recipients::One(u) => vec![sh.bus.user_topic(u)],
+        Recipients::Many(v) => v.iter().map(|u| sh.bus.user_topic(u)).collect(),
+        Recipients::All => vec![sh.cfg.broadcast_topic.clone()],
+    };
+    for t in topics {
+        if sh.bus.publish(t, payload.clone()).await.is_err() {
+            let mut e = WireError::new(ErrorCode::Unavailable, "the broker did not accept the message in time; it was not sent");
+            e.client_message_id = cmid;
+            return reject(sh, e);
+        }
+    }
+    wire::ack(&msg_id, cmid.as_deref())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_allows_burst_then_rate() {
+        let mut l = RateLimiter::new(10.0, 3);
+        let t0 = l.last;
+        assert!(l.try_take_at(t0));
+        assert!(l.try_take_at(t0));
+        assert!(l.try_take_at(t0));
+        assert!(!l.try_take_at(t0));
+        assert!(l.try_take_at(t0 + Duration::from_millis(100)));
+        assert!(!l.try_take_at(t0 + Duration::from_millis(150)));
+        // Refill never exceeds the burst.
+        let later = t0 + Duration::from_secs(60);
+        for _ in 0..3 {
+            assert!(l.try_take_at(later));
+        }
+        assert!(!l.try_take_at(later));
+    }
+}
