@@ -132,7 +132,9 @@ impl Verifier {
             return Ok(Verifier { key, validation: validation(Algorithm::RS256), alg_name: "RS256", encoding: None });
         }
         match DecodingKey::from_ec_pem(pem) {
-            Ok(key) => Ok(Verifier { key, validation: validation(Algorithm::ES256), alg_name: "ES256", encoding: None }),
+            Ok(key) => {
+                Ok(Verifier { key, validation: validation(Algorithm::ES256), alg_name: "ES256", encoding: None })
+            }
             Err(e) => Err(format!("not an RSA or EC public key in PEM ({e})")),
         }
     }
@@ -155,12 +157,8 @@ impl Verifier {
         match jsonwebtoken::decode_header(token) {
             Ok(h) if h.alg == self.validation.algorithms[0] => {}
             Ok(_) => return Err(AuthError::Algorithm(self.alg_name)),
-            Err(e) => {
-                return Err(match e.kind() {
-                    K::InvalidAlgorithmName => AuthError::Algorithm(self.alg_name),
-                    _ => AuthError::Malformed,
-                })
-            }
+            Err(_) if names_an_algorithm(token) => return Err(AuthError::Algorithm(self.alg_name)),
+            Err(_) => return Err(AuthError::Malformed),
         }
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|e| match e.kind() {
             K::InvalidSignature => AuthError::Signature,
@@ -172,7 +170,9 @@ impl Verifier {
         })?;
         let claims = data.claims;
         let expires_at = match claims.exp {
-            Some(serde_json::Value::Number(n)) => n.as_u64().or_else(|| n.as_f64().map(|f| f as u64)).ok_or(AuthError::Malformed)?,
+            Some(serde_json::Value::Number(n)) => {
+                n.as_u64().or_else(|| n.as_f64().map(|f| f as u64)).ok_or(AuthError::Malformed)?
+            }
             Some(_) => return Err(AuthError::Malformed),
             None => return Err(AuthError::MissingExp),
         };
@@ -192,14 +192,26 @@ impl Verifier {
 
     /// Mints an HS256 token (only with a secret; public-key mode has no private key).
     pub fn mint(&self, user_id: &str, ttl: Duration, scope: Option<&str>) -> Result<String, String> {
-        let enc = self.encoding.as_ref().ok_or(
-            "minting needs --jwt-secret; with --jwt-public-key tokens come from your identity provider",
-        )?;
+        let enc = self
+            .encoding
+            .as_ref()
+            .ok_or("minting needs --jwt-secret; with --jwt-public-key tokens come from your identity provider")?;
         check_user_id(user_id).map_err(|e| format!("invalid user id: {e}"))?;
         let now = unix_now();
         let claims = MintClaims { sub: user_id, iat: now, exp: now + ttl.as_secs().max(1), scope };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, enc).map_err(|e| e.to_string())
     }
+}
+
+/// True when the token's header is JSON with an `alg` that jsonwebtoken does not know
+/// (such as `none`): that deserves "algorithm not accepted", not "malformed".
+fn names_an_algorithm(token: &str) -> bool {
+    use base64::Engine;
+    let Some(head) = token.split('.').next() else { return false };
+    let Ok(json) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(head.trim_end_matches('=')) else {
+        return false;
+    };
+    serde_json::from_slice::<serde_json::Value>(&json).is_ok_and(|v| v.get("alg").is_some_and(|a| a.is_string()))
 }
 
 pub fn unix_now() -> u64 {
@@ -218,7 +230,8 @@ mod tests {
     const SECRET: &[u8] = b"test-secret";
 
     fn sign(claims: serde_json::Value) -> String {
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(SECRET).unwrap()).unwrap()
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(SECRET).unwrap())
+            .unwrap()
     }
 
     fn v() -> Verifier {
@@ -265,9 +278,18 @@ mod tests {
         // alg: none, hand-made.
         use base64::Engine;
         let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
-        let none = format!("{}.{}.", b64(br#"{"alg":"none","typ":"JWT"}"#), b64(format!(r#"{{"sub":"a","exp":{}}}"#, now + 60).as_bytes()));
+        let none = format!(
+            "{}.{}.",
+            b64(br#"{"alg":"none","typ":"JWT"}"#),
+            b64(format!(r#"{{"sub":"a","exp":{}}}"#, now + 60).as_bytes())
+        );
         assert_eq!(v().verify(&none), Err(AuthError::Algorithm("HS256")));
-        let hs384 = jsonwebtoken::encode(&Header::new(Algorithm::HS384), &json!({"sub":"a","exp":now+60}), &EncodingKey::from_secret(SECRET).unwrap()).unwrap();
+        let hs384 = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS384),
+            &json!({"sub":"a","exp":now+60}),
+            &EncodingKey::from_secret(SECRET).unwrap(),
+        )
+        .unwrap();
         assert_eq!(v().verify(&hs384), Err(AuthError::Algorithm("HS256")));
     }
 

@@ -31,8 +31,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use rumqttc::{
-    AsyncClient, ConnectionError, Disconnect, Event, EventLoop, Incoming, MqttOptions, NetworkOptions, Outgoing, Packet,
-    Publish, QoS, Request, Subscribe, SubscribeFilter, SubscribeReasonCode, Unsubscribe,
+    AsyncClient, ConnectionError, Disconnect, Event, EventLoop, Incoming, MqttOptions, NetworkOptions, Outgoing,
+    Packet, Publish, QoS, Request, Subscribe, SubscribeFilter, SubscribeReasonCode, Unsubscribe,
 };
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -147,6 +147,11 @@ impl Bus {
         net.set_tcp_nodelay(true);
         net.set_connection_timeout(5);
         eventloop.set_network_options(net);
+        (Bus::with_client(client, cfg, hub, metrics), eventloop)
+    }
+
+    /// A bus over any client handle (unit tests pass one made by `AsyncClient::from_senders`).
+    pub fn with_client(client: AsyncClient, cfg: &Config, hub: Arc<Hub>, metrics: Arc<Metrics>) -> Arc<Bus> {
         let bus = Arc::new(Bus {
             client,
             subs: Mutex::new(Subs::default()),
@@ -162,7 +167,7 @@ impl Bus {
         // The broadcast topic is wanted for the whole life of the instance.
         let bt = bus.broadcast_topic.clone();
         drop(bus.want(bt));
-        (bus, eventloop)
+        bus
     }
 
     pub fn user_topic(&self, user: &str) -> String {
@@ -250,7 +255,9 @@ impl Bus {
         if payload.len() > self.max_publish_bytes || self.stopping.load(Ordering::Acquire) {
             return Err(BusError::Unavailable);
         }
-        match tokio::time::timeout(self.broker_wait, self.client.publish_bytes(topic, QoS::AtLeastOnce, false, payload)).await {
+        match tokio::time::timeout(self.broker_wait, self.client.publish_bytes(topic, QoS::AtLeastOnce, false, payload))
+            .await
+        {
             Ok(Ok(())) => {
                 self.metrics.published(1);
                 Ok(())
@@ -424,7 +431,11 @@ impl Bus {
                     self.link_up(&mut el, ack.session_present, &mut stash);
                     self.metrics.mqtt_up(ever_up);
                     match down_since.take() {
-                        Some(t) => info!(session_present = ack.session_present, down_ms = t.elapsed().as_millis() as u64, "broker link restored"),
+                        Some(t) => info!(
+                            session_present = ack.session_present,
+                            down_ms = t.elapsed().as_millis() as u64,
+                            "broker link restored"
+                        ),
                         None => info!("broker link up"),
                     }
                     ever_up = true;
@@ -461,7 +472,9 @@ impl Bus {
                     } else {
                         debug!(error = %e, "broker still unreachable");
                     }
-                    if shutdown.is_cancelled() && (self.stopping.load(Ordering::Acquire) || matches!(e, ConnectionError::RequestsDone)) {
+                    if shutdown.is_cancelled()
+                        && (self.stopping.load(Ordering::Acquire) || matches!(e, ConnectionError::RequestsDone))
+                    {
                         warn!("stopping while the broker link is down: the broker may keep this instance's session until it expires");
                         break;
                     }
@@ -520,6 +533,121 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hub::{ConnRef, Outbox};
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: crate::config::ServeArgs,
+    }
+
+    fn fake() -> (Arc<Bus>, Arc<Hub>, flume::Receiver<Request>) {
+        let cfg = Cli::parse_from(["fanout", "--mqtt-url", "mqtt://127.0.0.1:1"]).serve.validate().unwrap();
+        let (tx, rx) = flume::bounded(100);
+        let hub = Arc::new(Hub::new());
+        let bus = Bus::with_client(AsyncClient::from_senders(tx), &cfg, hub.clone(), Arc::new(Metrics::new("t")));
+        (bus, hub, rx)
+    }
+
+    fn subscribe_topics(r: &Request) -> Vec<String> {
+        match r {
+            Request::Subscribe(s) => s.filters.iter().map(|f| f.path.clone()).collect(),
+            other => panic!("expected SUBSCRIBE, got {other:?}"),
+        }
+    }
+
+    fn connect(bus: &Bus, hub: &Hub, user: &str, id: u128) -> oneshot::Receiver<bool> {
+        let (outbox, _rx) = Outbox::new(1 << 16);
+        let mut first = None;
+        hub.add_with(user, ConnRef { id, outbox }, || first = Some(bus.subscribe_user(user)));
+        first.unwrap_or_else(|| bus.wait_user(user))
+    }
+
+    fn disconnect(bus: &Bus, hub: &Hub, user: &str, id: u128) {
+        hub.remove_with(user, id, || bus.unsubscribe_user(user));
+    }
+
+    #[test]
+    fn second_device_on_same_instance_does_not_resubscribe() {
+        let (bus, hub, rx) = fake();
+        assert_eq!(subscribe_topics(&rx.try_recv().unwrap()), ["broadcast"]);
+        let _a = connect(&bus, &hub, "bob", 1);
+        assert_eq!(subscribe_topics(&rx.try_recv().unwrap()), ["msg/bob"]);
+        let _b = connect(&bus, &hub, "bob", 2);
+        assert!(rx.try_recv().is_err(), "second device caused broker traffic");
+        disconnect(&bus, &hub, "bob", 1);
+        assert!(rx.try_recv().is_err(), "closing one of two devices unsubscribed");
+        disconnect(&bus, &hub, "bob", 2);
+        match rx.try_recv().unwrap() {
+            Request::Unsubscribe(u) => assert_eq!(u.topics, ["msg/bob"]),
+            other => panic!("expected UNSUBSCRIBE, got {other:?}"),
+        }
+        assert_eq!(bus.subscriptions(), 1);
+    }
+
+    #[tokio::test]
+    async fn suback_confirms_in_request_order_and_readiness_follows() {
+        let (bus, hub, _rx) = fake();
+        bus.connected.store(true, Ordering::Release);
+        let alice = connect(&bus, &hub, "alice", 1);
+        let bob = connect(&bus, &hub, "bob", 2);
+        let bob2 = connect(&bus, &hub, "bob", 3);
+        assert!(!bus.ready());
+        // broadcast, alice, bob were written with packet ids 1, 2, 3.
+        for pkid in 1..=3 {
+            bus.on_event(Event::Outgoing(Outgoing::Subscribe(pkid)));
+        }
+        let ok = [SubscribeReasonCode::Success(QoS::AtLeastOnce)];
+        bus.on_suback(1, &ok);
+        bus.on_suback(3, &[SubscribeReasonCode::Failure]);
+        assert!(!bob.await.unwrap());
+        assert!(!bob2.await.unwrap());
+        bus.on_suback(2, &ok);
+        assert!(alice.await.unwrap());
+        assert!(!bus.ready(), "bob's refused topic is still wanted and unconfirmed");
+        disconnect(&bus, &hub, "bob", 2);
+        disconnect(&bus, &hub, "bob", 3);
+        assert!(bus.ready());
+    }
+
+    #[tokio::test]
+    async fn link_loss_keeps_publishes_and_resubscribes_first() {
+        let (bus, hub, _rx) = fake();
+        let mut el = EventLoop::new(MqttOptions::new("t", "127.0.0.1", 1), 10);
+        // broadcast was written and is in flight; alice's SUBSCRIBE and a publish were still
+        // queued when the link dropped (rumqttc moved them into `pending`).
+        bus.on_event(Event::Outgoing(Outgoing::Subscribe(1)));
+        let _alice = connect(&bus, &hub, "alice", 1);
+        el.pending.push_back(Request::Subscribe(Subscribe::new("msg/alice", QoS::AtLeastOnce)));
+        el.pending.push_back(Request::Publish(Publish::new("msg/bob", QoS::AtLeastOnce, "acked")));
+        el.pending.push_back(Request::Unsubscribe(Unsubscribe::new("msg/gone")));
+        let mut stash = Vec::new();
+        bus.link_lost(&mut el, &mut stash);
+        assert!(el.pending.is_empty());
+        assert_eq!(stash.len(), 1);
+        assert!(bus.subs.lock().requested.is_empty());
+        bus.link_up(&mut el, true, &mut stash);
+        let kinds: Vec<&str> = el
+            .pending
+            .iter()
+            .map(|r| match r {
+                Request::Subscribe(_) => "sub",
+                Request::Unsubscribe(_) => "unsub",
+                Request::Publish(_) => "pub",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(kinds, ["sub", "unsub", "pub"]);
+        let mut topics = subscribe_topics(&el.pending[0]);
+        topics.sort();
+        assert_eq!(topics, ["broadcast", "msg/alice"]);
+        // Its SUBACK confirms both, and only then is the instance ready.
+        assert!(!bus.ready());
+        bus.on_event(Event::Outgoing(Outgoing::Subscribe(7)));
+        bus.on_suback(7, &[SubscribeReasonCode::Success(QoS::AtLeastOnce); 2]);
+        assert!(bus.ready());
+    }
 
     #[test]
     fn backoff_grows_to_a_cap_and_resets() {

@@ -153,7 +153,11 @@ impl ServeArgs {
             Some(url) => (parse_mqtt_url(url).map_err(|e| bad("--mqtt-url", "FANOUT_MQTT_URL", e))?, None),
             None => {
                 let addr = parse_addr(&self.embedded_mqtt_listen).map_err(|e| {
-                    bad("--embedded-mqtt-listen", "FANOUT_EMBEDDED_MQTT_LISTEN", format!("{e}; expected host:port like 127.0.0.1:1883"))
+                    bad(
+                        "--embedded-mqtt-listen",
+                        "FANOUT_EMBEDDED_MQTT_LISTEN",
+                        format!("{e}; expected host:port like 127.0.0.1:1883"),
+                    )
                 })?;
                 if !cfg!(feature = "embedded-broker") {
                     return Err(ConfigError(
@@ -165,9 +169,17 @@ impl ServeArgs {
             }
         };
         check_topic_part(&self.topic_prefix, false).map_err(|e| bad("--topic-prefix", "FANOUT_TOPIC_PREFIX", e))?;
-        check_topic_part(&self.broadcast_topic, true).map_err(|e| bad("--broadcast-topic", "FANOUT_BROADCAST_TOPIC", e))?;
-        if !self.broadcast_topic.is_empty() && self.broadcast_topic.starts_with(&self.topic_prefix) && !self.topic_prefix.is_empty() {
-            return Err(bad("--broadcast-topic", "FANOUT_BROADCAST_TOPIC", "must not start with --topic-prefix (it would be a user topic)"));
+        check_topic_part(&self.broadcast_topic, true)
+            .map_err(|e| bad("--broadcast-topic", "FANOUT_BROADCAST_TOPIC", e))?;
+        if !self.broadcast_topic.is_empty()
+            && self.broadcast_topic.starts_with(&self.topic_prefix)
+            && !self.topic_prefix.is_empty()
+        {
+            return Err(bad(
+                "--broadcast-topic",
+                "FANOUT_BROADCAST_TOPIC",
+                "must not start with --topic-prefix (it would be a user topic)",
+            ));
         }
         let auth = match (&self.jwt_public_key, &self.jwt_secret) {
             (Some(path), _) => {
@@ -187,7 +199,10 @@ impl ServeArgs {
         };
         let instance_id = match self.instance_id {
             Some(id) => {
-                if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.') {
+                if id.is_empty()
+                    || id.len() > 64
+                    || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+                {
                     return Err(bad("--instance-id", "FANOUT_INSTANCE_ID", "use 1-64 characters of [A-Za-z0-9._-]"));
                 }
                 id
@@ -259,12 +274,8 @@ pub fn parse_mqtt_url(s: &str) -> Result<BrokerTarget, String> {
         return Err(format!("'{s}' has a path; expected mqtt://host:port"));
     }
     let port = url.port().unwrap_or(if tls { 8883 } else { 1883 });
-    let decode = |v: &str| {
-        url::form_urlencoded::parse(v.as_bytes())
-            .map(|(k, _)| k.into_owned())
-            .next()
-            .unwrap_or_default()
-    };
+    let decode =
+        |v: &str| url::form_urlencoded::parse(v.as_bytes()).map(|(k, _)| k.into_owned()).next().unwrap_or_default();
     let username = (!url.username().is_empty()).then(|| decode(url.username()));
     let password = url.password().map(decode);
     Ok(BrokerTarget { host, port, username, password, tls })

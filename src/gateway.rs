@@ -66,7 +66,8 @@ fn json_response(status: StatusCode, body: serde_json::Value) -> Response {
 }
 
 fn unauthorized(e: &AuthError) -> Response {
-    let mut r = json_response(StatusCode::UNAUTHORIZED, serde_json::json!({"error": "unauthorized", "message": e.to_string()}));
+    let mut r =
+        json_response(StatusCode::UNAUTHORIZED, serde_json::json!({"error": "unauthorized", "message": e.to_string()}));
     r.headers_mut().insert(http::header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
     r
 }
@@ -75,7 +76,10 @@ impl Gateway {
     fn upgrade(self: &Arc<Self>, headers: HeaderMap, query: String, ws: Option<warp::ws::Ws>) -> Response {
         let m = &self.shared.metrics;
         if self.draining.load(Ordering::Acquire) {
-            return json_response(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"error": "unavailable", "message": "instance is shutting down"}));
+            return json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"error": "unavailable", "message": "instance is shutting down"}),
+            );
         }
         let found = find_token(&headers, &query);
         let verified = match &found {
@@ -91,7 +95,10 @@ impl Gateway {
             }
         };
         let Some(ws) = ws else {
-            return json_response(StatusCode::UPGRADE_REQUIRED, serde_json::json!({"error": "upgrade_required", "message": "this endpoint speaks WebSocket only"}));
+            return json_response(
+                StatusCode::UPGRADE_REQUIRED,
+                serde_json::json!({"error": "upgrade_required", "message": "this endpoint speaks WebSocket only"}),
+            );
         };
         let max = self.shared.cfg.max_message_bytes;
         let shared = self.shared.clone();
@@ -121,7 +128,10 @@ impl Gateway {
             (true, "ok")
         };
         let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-        json_response(status, serde_json::json!({"ready": ready, "status": why, "instanceId": self.shared.cfg.instance_id}))
+        json_response(
+            status,
+            serde_json::json!({"ready": ready, "status": why, "instanceId": self.shared.cfg.instance_id}),
+        )
     }
 
     fn metrics(&self) -> Response {
@@ -136,23 +146,32 @@ impl Gateway {
     }
 
     /// All routes.
-    pub fn routes(self: Arc<Self>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone + Send + Sync + 'static {
+    pub fn routes(
+        self: Arc<Self>,
+    ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone + Send + Sync + 'static {
         let ws_path = self.shared.cfg.ws_path.clone();
         let g = self.clone();
         let ws = warp::get()
             .and(warp::path::full())
             .and_then(move |p: FullPath| {
                 let ok = p.as_str() == ws_path;
-                async move { if ok { Ok(()) } else { Err(warp::reject::not_found()) } }
+                async move {
+                    if ok {
+                        Ok(())
+                    } else {
+                        Err(warp::reject::not_found())
+                    }
+                }
             })
             .untuple_one()
             .and(warp::header::headers_cloned())
             .and(warp::query::raw().or(warp::any().map(String::new)).unify())
             .and(warp::ws().map(Some).or(warp::any().map(|| None)).unify())
             .map(move |h: HeaderMap, q: String, ws: Option<warp::ws::Ws>| g.upgrade(h, q, ws));
-        let healthz = warp::get().and(warp::path("healthz")).and(warp::path::end()).map(|| {
-            json_response(StatusCode::OK, serde_json::json!({"status": "ok"}))
-        });
+        let healthz = warp::get()
+            .and(warp::path("healthz"))
+            .and(warp::path::end())
+            .map(|| json_response(StatusCode::OK, serde_json::json!({"status": "ok"})));
         let g = self.clone();
         let readyz = warp::get().and(warp::path("readyz")).and(warp::path::end()).map(move || g.readyz());
         let g = self;
@@ -180,7 +199,8 @@ mod tests {
         assert_eq!(f, FoundToken { token: t.into(), echo: Some(t.into()) });
         let f = find_token(&headers(&[("sec-websocket-protocol", "bearer, aaa.bbb.ccc")]), "").unwrap();
         assert_eq!(f, FoundToken { token: t.into(), echo: Some("bearer".into()) });
-        let f = find_token(&headers(&[("sec-websocket-protocol", "bearer"), ("sec-websocket-protocol", t)]), "").unwrap();
+        let f =
+            find_token(&headers(&[("sec-websocket-protocol", "bearer"), ("sec-websocket-protocol", t)]), "").unwrap();
         assert_eq!(f.echo.as_deref(), Some("bearer"));
         let f = find_token(&headers(&[("authorization", "Bearer x.y.z")]), "a=1&token=q.r.s").unwrap();
         assert_eq!(f, FoundToken { token: "q.r.s".into(), echo: None });

@@ -67,7 +67,13 @@ pub enum Push {
 impl Outbox {
     pub fn new(limit: usize) -> (Arc<Outbox>, OutboxRx) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let ob = Outbox { tx, queued: AtomicUsize::new(0), limit, overflowed: AtomicBool::new(false), overflow: Notify::new() };
+        let ob = Outbox {
+            tx,
+            queued: AtomicUsize::new(0),
+            limit,
+            overflowed: AtomicBool::new(false),
+            overflow: Notify::new(),
+        };
         (Arc::new(ob), OutboxRx { rx })
     }
 

@@ -102,25 +102,48 @@ impl Metrics {
         };
         r.register("fanout_connections", "Open WebSocket connections on this instance", m.connections.clone());
         r.register("fanout_users", "Distinct users with at least one connection on this instance", m.users.clone());
-        r.register("fanout_subscriptions", "MQTT topics this instance wants subscribed (user topics + broadcast)", m.subscriptions.clone());
+        r.register(
+            "fanout_subscriptions",
+            "MQTT topics this instance wants subscribed (user topics + broadcast)",
+            m.subscriptions.clone(),
+        );
         r.register("fanout_messages_in", "Messages received, by source: ws (client frames that were chat messages) or mqtt (publishes from the broker)", m.messages_in.clone());
-        r.register("fanout_messages_delivered", "Frames written into local connections' outboxes from the broker", m.delivered.clone());
+        r.register(
+            "fanout_messages_delivered",
+            "Frames written into local connections' outboxes from the broker",
+            m.delivered.clone(),
+        );
         r.register("fanout_messages_published", "MQTT publishes handed to the broker connection", m.published.clone());
         r.register("fanout_dropped", "Messages not delivered or not published, by reason", m.dropped.clone());
         r.register("fanout_client_errors", "error frames sent to clients, by code", m.client_errors.clone());
         r.register("fanout_mqtt_connected", "1 while the broker link is up", m.mqtt_connected.clone());
-        r.register("fanout_mqtt_reconnects", "Broker link re-establishments after the first connect", m.mqtt_reconnects.clone());
+        r.register(
+            "fanout_mqtt_reconnects",
+            "Broker link re-establishments after the first connect",
+            m.mqtt_reconnects.clone(),
+        );
         r.register("fanout_connects", "WebSocket connections accepted (connected frame sent)", m.connects.clone());
         r.register("fanout_auth_failures", "Upgrade requests refused with 401", m.auth_failures.clone());
         r.register("fanout_ready", "1 while /readyz answers 200", m.ready.clone());
         let info: Family<InfoLabels, Gauge> = Family::default();
-        info.get_or_create(&InfoLabels { version: env!("CARGO_PKG_VERSION").to_string(), instance_id: instance_id.to_string() }).set(1);
+        info.get_or_create(&InfoLabels {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            instance_id: instance_id.to_string(),
+        })
+        .set(1);
         r.register("fanout_build_info", "Build and instance information", info);
         // Every labelled series exists from the start, at 0, so dashboards and tests see it.
         for s in ["ws", "mqtt"] {
             let _ = m.messages_in.get_or_create(&SourceLabel { source: s });
         }
-        for d in [Drop::NoLocalUser, Drop::SlowConsumer, Drop::Duplicate, Drop::Unavailable, Drop::RateLimited, Drop::UnknownTopic] {
+        for d in [
+            Drop::NoLocalUser,
+            Drop::SlowConsumer,
+            Drop::Duplicate,
+            Drop::Unavailable,
+            Drop::RateLimited,
+            Drop::UnknownTopic,
+        ] {
             let _ = m.dropped.get_or_create(&ReasonLabel { reason: d.label() });
         }
         Metrics { registry: r, ..m }

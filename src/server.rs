@@ -95,14 +95,12 @@ pub async fn serve(cfg: Config, stop: impl std::future::Future<Output = ()>) -> 
     let bus_task = tokio::spawn(bus.clone().run(eventloop, bus_stop.clone()));
 
     let shutdown = CancellationToken::new();
-    let shared = Arc::new(Shared { cfg: cfg.clone(), hub: hub.clone(), bus: bus.clone(), metrics, shutdown: shutdown.clone() });
+    let shared =
+        Arc::new(Shared { cfg: cfg.clone(), hub: hub.clone(), bus: bus.clone(), metrics, shutdown: shutdown.clone() });
     let gw = Arc::new(Gateway { shared, verifier, sessions: TaskTracker::new(), draining: AtomicBool::new(false) });
     let http_stop = CancellationToken::new();
     let server = tokio::spawn(
-        warp::serve(gw.clone().routes())
-            .incoming(listener)
-            .graceful(http_stop.clone().cancelled_owned())
-            .run(),
+        warp::serve(gw.clone().routes()).incoming(listener).graceful(http_stop.clone().cancelled_owned()).run(),
     );
     info!(listen = %cfg.listen, instance_id = %cfg.instance_id, "listening");
 

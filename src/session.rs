@@ -70,7 +70,8 @@ enum End {
 /// Serves one upgraded socket for `id` until it closes.
 pub async fn serve(ws: WebSocket, id: Identity, sh: Arc<Shared>) {
     let conn_id = uuid::Uuid::new_v4();
-    let span = tracing::info_span!("conn", user_id = %id.user_id, conn_id = %conn_id, instance_id = %sh.cfg.instance_id);
+    let span =
+        tracing::info_span!("conn", user_id = %id.user_id, conn_id = %conn_id, instance_id = %sh.cfg.instance_id);
     run(ws, id, conn_id, sh).instrument(span).await
 }
 
@@ -216,7 +217,9 @@ where
     }
     let reply = match m.to_str() {
         Ok(text) => handle_text(sh, id, limiter, text).await,
-        Err(()) => reject(sh, WireError::new(ErrorCode::BadJson, "binary frames are not accepted; send JSON text frames")),
+        Err(()) => {
+            reject(sh, WireError::new(ErrorCode::BadJson, "binary frames are not accepted; send JSON text frames"))
+        }
     };
     send(tx, Message::text(reply)).await.err().map(|()| End::Gone)
 }
@@ -235,7 +238,8 @@ async fn handle_text(sh: &Shared, id: &Identity, limiter: &mut RateLimiter, text
     };
     if !limiter.try_take_at(Instant::now()) {
         sh.metrics.dropped(Drop::RateLimited);
-        let mut e = WireError::new(ErrorCode::RateLimited, format!("more than {} messages per second", sh.cfg.rate_limit));
+        let mut e =
+            WireError::new(ErrorCode::RateLimited, format!("more than {} messages per second", sh.cfg.rate_limit));
         e.client_message_id = cmid;
         return reject(sh, e);
     }
@@ -249,7 +253,10 @@ async fn handle_text(sh: &Shared, id: &Identity, limiter: &mut RateLimiter, text
     };
     for t in topics {
         if sh.bus.publish(t, payload.clone()).await.is_err() {
-            let mut e = WireError::new(ErrorCode::Unavailable, "the broker did not accept the message in time; it was not sent");
+            let mut e = WireError::new(
+                ErrorCode::Unavailable,
+                "the broker did not accept the message in time; it was not sent",
+            );
             e.client_message_id = cmid;
             return reject(sh, e);
         }

@@ -110,8 +110,7 @@ fn bad_json(msg: impl Into<String>) -> WireError {
 pub fn decode(frame: &str, may_broadcast: bool) -> Result<ClientEvent<'_>, WireError> {
     let raw: RawFrame = serde_json::from_str(frame)
         .map_err(|e| bad_json(format!("expected a JSON object {{\"event\":…,\"data\":…}}: {e}")))?;
-    let event: String = serde_json::from_str(raw.event.get())
-        .map_err(|_| bad_json("\"event\" must be a string"))?;
+    let event: String = serde_json::from_str(raw.event.get()).map_err(|_| bad_json("\"event\" must be a string"))?;
     let data_is_null = raw.data.is_none_or(|d| d.get() == "null");
     match event.as_str() {
         "ping" => Ok(ClientEvent::Ping),
@@ -123,8 +122,8 @@ pub fn decode(frame: &str, may_broadcast: bool) -> Result<ClientEvent<'_>, WireE
                 return Err(bad_json("\"data\" must be an object with a \"message\""));
             }
             let data = raw.data.map(RawValue::get).unwrap_or("{}");
-            let chat: RawChat = serde_json::from_str(data)
-                .map_err(|e| bad_json(format!("\"data\" must be an object: {e}")))?;
+            let chat: RawChat =
+                serde_json::from_str(data).map_err(|e| bad_json(format!("\"data\" must be an object: {e}")))?;
             let client_message_id = match chat.client_message_id {
                 None => None,
                 Some(v) => match serde_json::from_str::<Option<String>>(v.get()) {
@@ -137,10 +136,12 @@ pub fn decode(frame: &str, may_broadcast: bool) -> Result<ClientEvent<'_>, WireE
                     }
                 },
             };
-            decode_chat(&event, chat, may_broadcast).map_err(|mut e| {
-                e.client_message_id = client_message_id.clone();
-                e
-            }).map(|(to, message)| ClientEvent::Chat { to, message, client_message_id })
+            decode_chat(&event, chat, may_broadcast)
+                .map_err(|mut e| {
+                    e.client_message_id = client_message_id.clone();
+                    e
+                })
+                .map(|(to, message)| ClientEvent::Chat { to, message, client_message_id })
         }
         other => {
             let shown: String = other.chars().take(64).collect();
@@ -152,18 +153,27 @@ pub fn decode(frame: &str, may_broadcast: bool) -> Result<ClientEvent<'_>, WireE
 fn participant(v: &RawValue) -> Result<String, WireError> {
     let id: String = serde_json::from_str(v.get())
         .map_err(|_| WireError::new(ErrorCode::InvalidParticipant, "participant ids must be strings"))?;
-    check_user_id(&id).map_err(|why| WireError::new(ErrorCode::InvalidParticipant, format!("invalid participant id: {why}")))?;
+    check_user_id(&id)
+        .map_err(|why| WireError::new(ErrorCode::InvalidParticipant, format!("invalid participant id: {why}")))?;
     Ok(id)
 }
 
-fn decode_chat<'a>(event: &str, chat: RawChat<'a>, may_broadcast: bool) -> Result<(Recipients, &'a RawValue), WireError> {
+fn decode_chat<'a>(
+    event: &str,
+    chat: RawChat<'a>,
+    may_broadcast: bool,
+) -> Result<(Recipients, &'a RawValue), WireError> {
     let to = match event {
         "send_chat_message_to_many_participants" => {
             let ids = chat.participant_ids.ok_or_else(|| {
-                WireError::new(ErrorCode::InvalidParticipant, "\"participantIds\" is required: a list of 1-100 user ids")
+                WireError::new(
+                    ErrorCode::InvalidParticipant,
+                    "\"participantIds\" is required: a list of 1-100 user ids",
+                )
             })?;
-            let list: Vec<&RawValue> = serde_json::from_str(ids.get())
-                .map_err(|_| WireError::new(ErrorCode::InvalidParticipant, "\"participantIds\" must be a list of user ids"))?;
+            let list: Vec<&RawValue> = serde_json::from_str(ids.get()).map_err(|_| {
+                WireError::new(ErrorCode::InvalidParticipant, "\"participantIds\" must be a list of user ids")
+            })?;
             if list.is_empty() {
                 return Err(WireError::new(ErrorCode::InvalidParticipant, "\"participantIds\" is empty"));
             }
@@ -184,14 +194,17 @@ fn decode_chat<'a>(event: &str, chat: RawChat<'a>, may_broadcast: bool) -> Resul
         }
         "send_chat_message_to_all_participants" => {
             if !may_broadcast {
-                return Err(WireError::new(ErrorCode::Forbidden, "sending to all participants needs the 'broadcast' scope in the token"));
+                return Err(WireError::new(
+                    ErrorCode::Forbidden,
+                    "sending to all participants needs the 'broadcast' scope in the token",
+                ));
             }
             Recipients::All
         }
         _ => {
-            let id = chat.participant_id.ok_or_else(|| {
-                WireError::new(ErrorCode::InvalidParticipant, "\"participantId\" is required")
-            })?;
+            let id = chat
+                .participant_id
+                .ok_or_else(|| WireError::new(ErrorCode::InvalidParticipant, "\"participantId\" is required"))?;
             Recipients::One(participant(id)?)
         }
     };
@@ -232,7 +245,14 @@ fn to_string<T: Serialize>(v: &T) -> String {
 }
 
 /// The `chat_message` frame delivered to every recipient connection, and published as is.
-pub fn chat_message(id: &str, from: &str, to: &Recipients, message: &RawValue, sent_at: u64, client_message_id: Option<&str>) -> String {
+pub fn chat_message(
+    id: &str,
+    from: &str,
+    to: &Recipients,
+    message: &RawValue,
+    sent_at: u64,
+    client_message_id: Option<&str>,
+) -> String {
     let to = match to {
         Recipients::One(u) => To::One(u),
         Recipients::Many(v) => To::Many(v),
@@ -335,7 +355,10 @@ mod tests {
         assert_eq!(err("nope").code, ErrorCode::BadJson);
         assert_eq!(err("[1]").code, ErrorCode::BadJson);
         assert_eq!(err(r#"{"event":5}"#).code, ErrorCode::BadJson);
-        assert_eq!(err(r#"{"event":"send_chat_message_to_participant","data":{"participantId":"b"}}"#).code, ErrorCode::BadJson);
+        assert_eq!(
+            err(r#"{"event":"send_chat_message_to_participant","data":{"participantId":"b"}}"#).code,
+            ErrorCode::BadJson
+        );
         assert_eq!(err(r#"{"event":"send_chat_message_to_participant"}"#).code, ErrorCode::BadJson);
         assert_eq!(err(r#"{"event":"dance","data":{}}"#).code, ErrorCode::UnknownEvent);
         for id in [json!("#"), json!("+"), json!("a/b"), json!(""), json!("a".repeat(300)), json!("a\u{1}"), json!(5)] {
@@ -364,9 +387,19 @@ mod tests {
     fn envelope_round_trip_and_id() {
         let msg: &RawValue = serde_json::from_str(r#"{"text":"hi"}"#).unwrap();
         let id = uuid::Uuid::new_v4();
-        let s = chat_message(&id.to_string(), "alice", &Recipients::Many(vec!["b".into(), "c".into()]), msg, 17, Some("c-1"));
+        let s = chat_message(
+            &id.to_string(),
+            "alice",
+            &Recipients::Many(vec!["b".into(), "c".into()]),
+            msg,
+            17,
+            Some("c-1"),
+        );
         let v: Value = serde_json::from_str(&s).unwrap();
-        assert_eq!(v, json!({"event":"chat_message","data":{"id":id.to_string(),"from":"alice","to":["b","c"],"message":{"text":"hi"},"sentAt":17,"clientMessageId":"c-1"}}));
+        assert_eq!(
+            v,
+            json!({"event":"chat_message","data":{"id":id.to_string(),"from":"alice","to":["b","c"],"message":{"text":"hi"},"sentAt":17,"clientMessageId":"c-1"}})
+        );
         assert_eq!(envelope_id(s.as_bytes()), Some(id.as_u128()));
         let s = chat_message(&id.to_string(), "alice", &Recipients::All, msg, 17, None);
         let v: Value = serde_json::from_str(&s).unwrap();
