@@ -25,4 +25,4 @@ cargo fmt --check
 echo "test.sh: cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 echo "test.sh: cargo test --release --all-targets"
-cargo test --release --all-targets
+cargo test --release --all-targets --no-fail-fast

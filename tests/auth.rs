@@ -25,19 +25,10 @@ fn bad_tokens() -> Vec<(&'static str, Option<String>)> {
     vec![
         ("missing token", None),
         ("garbage", Some("not-a-jwt".to_string())),
-        (
-            "bad signature",
-            Some(sign("some-other-secret", &ok("alice"))),
-        ),
+        ("bad signature", Some(sign("some-other-secret", &ok("alice")))),
         ("alg none", Some(unsigned_token(&ok("alice")))),
         ("alg HS512", Some(hs512)),
-        (
-            "expired",
-            Some(sign(
-                SECRET,
-                &json!({"sub": "alice", "iat": now - 600, "exp": now - 60}),
-            )),
-        ),
+        ("expired", Some(sign(SECRET, &json!({"sub": "alice", "iat": now - 600, "exp": now - 60})))),
         ("no exp", Some(sign(SECRET, &no_exp))),
         ("no sub", Some(sign(SECRET, &no_sub))),
         ("sub #", Some(sign(SECRET, &ok("#")))),
@@ -46,40 +37,21 @@ fn bad_tokens() -> Vec<(&'static str, Option<String>)> {
         ("sub empty", Some(sign(SECRET, &ok("")))),
         ("sub control char", Some(sign(SECRET, &ok("a\u{7}b")))),
         ("sub 257 bytes", Some(sign(SECRET, &ok(&"x".repeat(257))))),
-        (
-            "sub not a string",
-            Some(sign(
-                SECRET,
-                &json!({"sub": 42, "iat": now, "exp": now + 3600}),
-            )),
-        ),
+        ("sub not a string", Some(sign(SECRET, &json!({"sub": 42, "iat": now, "exp": now + 3600})))),
         (
             "nbf in the future",
-            Some(sign(
-                SECRET,
-                &json!({"sub": "alice", "iat": now, "nbf": now + 120, "exp": now + 3600}),
-            )),
+            Some(sign(SECRET, &json!({"sub": "alice", "iat": now, "nbf": now + 120, "exp": now + 3600}))),
         ),
     ]
 }
 
 fn assert_unauthorized(r: &HttpResponse, what: &str) {
-    assert_eq!(
-        r.status, 401,
-        "{what}: expected 401, got {} {:?} body {}",
-        r.status, r.headers, r.body
-    );
-    assert!(
-        r.header("sec-websocket-accept").is_none(),
-        "{what}: refusal carries an upgrade header"
-    );
-    let v: Value = serde_json::from_str(&r.body)
-        .unwrap_or_else(|e| panic!("{what}: 401 body is not JSON ({e}): {:?}", r.body));
+    assert_eq!(r.status, 401, "{what}: expected 401, got {} {:?} body {}", r.status, r.headers, r.body);
+    assert!(r.header("sec-websocket-accept").is_none(), "{what}: refusal carries an upgrade header");
+    let v: Value =
+        serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("{what}: 401 body is not JSON ({e}): {:?}", r.body));
     assert_eq!(v["error"], json!("unauthorized"), "{what}: body {v}");
-    assert!(
-        v["message"].as_str().is_some_and(|s| !s.is_empty()),
-        "{what}: body must say why in `message`: {v}"
-    );
+    assert!(v["message"].as_str().is_some_and(|s| !s.is_empty()), "{what}: body must say why in `message`: {v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -93,25 +65,15 @@ async fn every_bad_token_is_refused_with_401_in_every_location() {
                 assert_unauthorized(&r, what);
             }
             Some(t) => {
-                let sub =
-                    upgrade_attempt(inst.port, "/entrypoint", &[("Sec-WebSocket-Protocol", &t)])
-                        .await;
+                let sub = upgrade_attempt(inst.port, "/entrypoint", &[("Sec-WebSocket-Protocol", &t)]).await;
                 assert_unauthorized(&sub, &format!("{what} (subprotocol)"));
-                let bearer_sub = upgrade_attempt(
-                    inst.port,
-                    "/entrypoint",
-                    &[("Sec-WebSocket-Protocol", &format!("bearer, {t}"))],
-                )
-                .await;
+                let bearer_sub =
+                    upgrade_attempt(inst.port, "/entrypoint", &[("Sec-WebSocket-Protocol", &format!("bearer, {t}"))])
+                        .await;
                 assert_unauthorized(&bearer_sub, &format!("{what} (bearer subprotocol)"));
                 let q = upgrade_attempt(inst.port, &format!("/entrypoint?token={t}"), &[]).await;
                 assert_unauthorized(&q, &format!("{what} (query)"));
-                let h = upgrade_attempt(
-                    inst.port,
-                    "/entrypoint",
-                    &[("Authorization", &format!("Bearer {t}"))],
-                )
-                .await;
+                let h = upgrade_attempt(inst.port, "/entrypoint", &[("Authorization", &format!("Bearer {t}"))]).await;
                 assert_unauthorized(&h, &format!("{what} (Authorization header)"));
             }
         }
@@ -119,14 +81,9 @@ async fn every_bad_token_is_refused_with_401_in_every_location() {
     // Nothing was accepted and nothing subscribed for the refused users.
     assert_eq!(inst.metric_or_zero("fanout_connections").await, 0.0);
     let subs = m.subscriptions_of(&inst.client_id());
-    assert!(
-        subs.iter().all(|f| !f.starts_with("msg/")),
-        "refused tokens caused subscriptions: {subs:?}"
-    );
+    assert!(subs.iter().all(|f| !f.starts_with("msg/")), "refused tokens caused subscriptions: {subs:?}");
     // The tungstenite client sees a refusal too.
-    assert!(Client::connect(&inst, Auth::Query("not-a-jwt"))
-        .await
-        .is_err());
+    assert!(Client::connect(&inst, Auth::Query("not-a-jwt")).await.is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -134,34 +91,18 @@ async fn token_accepted_in_each_location_and_subprotocol_is_echoed() {
     let m = Mosquitto::start();
     let inst = Instance::start(InstanceOpts::broker(&m)).await;
     let exp = now_secs() + 3600;
-    let t = sign(
-        SECRET,
-        &json!({"sub": "alice", "iat": now_secs(), "exp": exp}),
-    );
+    let t = sign(SECRET, &json!({"sub": "alice", "iat": now_secs(), "exp": exp}));
 
     // Raw handshake: exactly the offered token comes back, once.
     let r = upgrade_attempt(inst.port, "/entrypoint", &[("Sec-WebSocket-Protocol", &t)]).await;
     assert_eq!(r.status, 101, "raw upgrade with subprotocol token: {r:?}");
-    let echoed: Vec<&str> = r
-        .headers
-        .iter()
-        .filter(|(k, _)| k == "sec-websocket-protocol")
-        .map(|(_, v)| v.as_str())
-        .collect();
+    let echoed: Vec<&str> =
+        r.headers.iter().filter(|(k, _)| k == "sec-websocket-protocol").map(|(_, v)| v.as_str()).collect();
     assert_eq!(echoed, vec![t.as_str()], "101 must echo exactly the token");
-    let r = upgrade_attempt(
-        inst.port,
-        "/entrypoint",
-        &[("Sec-WebSocket-Protocol", &format!("bearer, {t}"))],
-    )
-    .await;
+    let r = upgrade_attempt(inst.port, "/entrypoint", &[("Sec-WebSocket-Protocol", &format!("bearer, {t}"))]).await;
     assert_eq!(r.status, 101, "raw upgrade with bearer subprotocol: {r:?}");
-    let echoed: Vec<&str> = r
-        .headers
-        .iter()
-        .filter(|(k, _)| k == "sec-websocket-protocol")
-        .map(|(_, v)| v.as_str())
-        .collect();
+    let echoed: Vec<&str> =
+        r.headers.iter().filter(|(k, _)| k == "sec-websocket-protocol").map(|(_, v)| v.as_str()).collect();
     assert_eq!(echoed, vec!["bearer"], "101 must echo only `bearer`");
 
     let c = Client::connect_ok(&inst, Auth::Subprotocol(&t)).await;
@@ -175,18 +116,11 @@ async fn token_accepted_in_each_location_and_subprotocol_is_echoed() {
 
     let c2 = Client::connect_ok(&inst, Auth::BearerSubprotocol(&t)).await;
     assert_eq!(c2.protocol.as_deref(), Some("bearer"));
-    assert_ne!(
-        c2.connection_id(),
-        c.connection_id(),
-        "each connection gets its own id"
-    );
+    assert_ne!(c2.connection_id(), c.connection_id(), "each connection gets its own id");
 
     let c3 = Client::connect_ok(&inst, Auth::Query(&t)).await;
     assert_eq!(c3.connected["userId"], json!("alice"));
-    assert!(
-        c3.protocol.is_none(),
-        "no subprotocol offered, none may be echoed"
-    );
+    assert!(c3.protocol.is_none(), "no subprotocol offered, none may be echoed");
     let c4 = Client::connect_ok(&inst, Auth::Header(&t)).await;
     assert_eq!(c4.connected["userId"], json!("alice"));
 }
@@ -196,10 +130,7 @@ async fn tutorial_login_token_with_email_claim_is_accepted() {
     let m = Mosquitto::start();
     let inst = Instance::start(InstanceOpts::broker(&m)).await;
     let now = now_secs();
-    let t = sign(
-        SECRET,
-        &json!({"sub": "42", "email": "a@example.com", "iat": now, "exp": now + 600}),
-    );
+    let t = sign(SECRET, &json!({"sub": "42", "email": "a@example.com", "iat": now, "exp": now + 600}));
     let c = Client::connect_ok(&inst, Auth::Query(&t)).await;
     assert_eq!(c.connected["userId"], json!("42"));
 }
@@ -213,11 +144,7 @@ async fn token_command_mints_a_usable_broadcast_token() {
         .env("FANOUT_JWT_SECRET", SECRET)
         .output()
         .expect("run fanout token");
-    assert!(
-        out.status.success(),
-        "fanout token failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "fanout token failed: {}", String::from_utf8_lossy(&out.stderr));
     let t = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert_eq!(t.split('.').count(), 3, "stdout is not a JWT: {t:?}");
 
@@ -225,16 +152,8 @@ async fn token_command_mints_a_usable_broadcast_token() {
     assert_eq!(carol.connected["userId"], json!("carol"));
     let exp = carol.connected["expiresAt"].as_u64().expect("expiresAt");
     let now = now_secs();
-    assert!(
-        exp > now + 3500 && exp <= now + 3601,
-        "--ttl 1h gave expiresAt {exp} (now {now})"
-    );
-    carol
-        .emit(
-            "send_chat_message_to_all_participants",
-            json!({"message": "hello all", "clientMessageId": "x"}),
-        )
-        .await;
+    assert!(exp > now + 3500 && exp <= now + 3601, "--ttl 1h gave expiresAt {exp} (now {now})");
+    carol.emit("send_chat_message_to_all_participants", json!({"message": "hello all", "clientMessageId": "x"})).await;
     let mut acked = false;
     for _ in 0..2 {
         let v = carol.recv_json().await;
@@ -243,10 +162,7 @@ async fn token_command_mints_a_usable_broadcast_token() {
             break;
         }
     }
-    assert!(
-        acked,
-        "a --scope broadcast token must be allowed to broadcast"
-    );
+    assert!(acked, "a --scope broadcast token must be allowed to broadcast");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -263,10 +179,6 @@ async fn spoofed_from_is_ignored() {
         }))
         .await;
     let got = bob.expect_event("chat_message").await;
-    assert_eq!(
-        got["from"],
-        json!("alice"),
-        "from must be the verified sender: {got}"
-    );
+    assert_eq!(got["from"], json!("alice"), "from must be the verified sender: {got}");
     alice.expect_event("ack").await;
 }

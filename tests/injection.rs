@@ -13,8 +13,7 @@ async fn injected_text_arrives_verbatim() {
     let mut alice2 = inst.connect("alice").await;
 
     // Odd spacing, key order and number formatting would not survive re-serialising.
-    let payload =
-        r#"{"event":"chat_message",  "data":{"message":"maintenance at 5","from":"ops","n":1.50}}"#;
+    let payload = r#"{"event":"chat_message",  "data":{"message":"maintenance at 5","from":"ops","n":1.50}}"#;
     m.publish_text("msg/alice", payload);
     assert_eq!(alice.recv_text().await, payload);
     assert_eq!(alice2.recv_text().await, payload);
@@ -42,10 +41,7 @@ async fn non_utf8_payload_arrives_as_binary_frame() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injected_broadcast_reaches_users_on_every_instance() {
     let m = Mosquitto::start();
-    let (a, b) = tokio::join!(
-        Instance::start(InstanceOpts::broker(&m)),
-        Instance::start(InstanceOpts::broker(&m))
-    );
+    let (a, b) = tokio::join!(Instance::start(InstanceOpts::broker(&m)), Instance::start(InstanceOpts::broker(&m)));
     let mut alice = a.connect("alice").await;
     let mut bob = b.connect("bob").await;
     let payload = r#"{"event":"chat_message","data":{"from":"ops","to":null,"message":"all"}}"#;

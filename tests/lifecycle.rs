@@ -12,56 +12,29 @@ async fn last_socket_closing_unsubscribes_and_restores_subscription_count() {
     let m = Mosquitto::start();
     let inst = Instance::start(InstanceOpts::broker(&m)).await;
     let cid = inst.client_id();
-    let base_subs = inst
-        .metric("fanout_subscriptions")
-        .await
-        .expect("fanout_subscriptions sample");
+    let base_subs = inst.metric("fanout_subscriptions").await.expect("fanout_subscriptions sample");
     let base_users = inst.metric_or_zero("fanout_users").await;
 
     let bob1 = inst.connect("bob").await;
     // `connected` comes only after the broker confirmed the subscription: the broker logs the
     // SUBSCRIBE before it sends the SUBACK.
-    assert_eq!(
-        m.subscribe_count(&cid, "msg/bob"),
-        1,
-        "`connected` arrived before the broker saw SUBSCRIBE msg/bob"
-    );
+    assert_eq!(m.subscribe_count(&cid, "msg/bob"), 1, "`connected` arrived before the broker saw SUBSCRIBE msg/bob");
     let bob2 = inst.connect("bob").await;
-    assert_eq!(
-        inst.metric("fanout_subscriptions").await,
-        Some(base_subs + 1.0)
-    );
+    assert_eq!(inst.metric("fanout_subscriptions").await, Some(base_subs + 1.0));
     assert_eq!(inst.metric("fanout_users").await, Some(base_users + 1.0));
     assert_eq!(inst.metric("fanout_connections").await, Some(2.0));
 
     bob1.close().await;
-    assert_eq!(
-        inst.wait_metric("fanout_connections", |v| v == 1.0, Duration::from_secs(5))
-            .await,
-        1.0
-    );
-    assert_eq!(
-        m.unsubscribe_count(&cid, "msg/bob"),
-        0,
-        "unsubscribed while a socket remained"
-    );
+    assert_eq!(inst.wait_metric("fanout_connections", |v| v == 1.0, Duration::from_secs(5)).await, 1.0);
+    assert_eq!(m.unsubscribe_count(&cid, "msg/bob"), 0, "unsubscribed while a socket remained");
     bob2.close().await;
 
     assert!(
-        m.wait_for_log(
-            |m| m.unsubscribe_count(&cid, "msg/bob") == 1,
-            Duration::from_secs(5)
-        )
-        .await,
+        m.wait_for_log(|m| m.unsubscribe_count(&cid, "msg/bob") == 1, Duration::from_secs(5)).await,
         "no UNSUBSCRIBE msg/bob from {cid} after bob's last socket closed"
     );
     assert_eq!(
-        inst.wait_metric(
-            "fanout_subscriptions",
-            |v| v == base_subs,
-            Duration::from_secs(5)
-        )
-        .await,
+        inst.wait_metric("fanout_subscriptions", |v| v == base_subs, Duration::from_secs(5)).await,
         base_subs,
         "fanout_subscriptions did not return to its base value"
     );
@@ -80,28 +53,15 @@ async fn expiring_token_is_closed_with_4001() {
     let m = Mosquitto::start();
     let inst = Instance::start(InstanceOpts::broker(&m)).await;
     let exp = now_secs() + 2;
-    let t = sign(
-        SECRET,
-        &json!({"sub": "shortlived", "iat": now_secs(), "exp": exp}),
-    );
+    let t = sign(SECRET, &json!({"sub": "shortlived", "iat": now_secs(), "exp": exp}));
     let start = Instant::now();
     let mut c = Client::connect_ok(&inst, Auth::Subprotocol(&t)).await;
     assert_eq!(c.connected["expiresAt"], json!(exp));
     let code = c.recv_close(Duration::from_secs(10)).await;
     let elapsed = start.elapsed();
-    assert_eq!(
-        code,
-        Some(4001),
-        "expected close 4001 at exp (after {elapsed:?})"
-    );
-    assert!(
-        elapsed >= Duration::from_millis(900),
-        "closed too early ({elapsed:?}) for a token valid 2 s"
-    );
-    assert!(
-        elapsed <= Duration::from_secs(6),
-        "closed {elapsed:?} after connect, token expired after ~2 s"
-    );
+    assert_eq!(code, Some(4001), "expected close 4001 at exp (after {elapsed:?})");
+    assert!(elapsed >= Duration::from_millis(900), "closed too early ({elapsed:?}) for a token valid 2 s");
+    assert!(elapsed <= Duration::from_secs(6), "closed {elapsed:?} after connect, token expired after ~2 s");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -121,10 +81,8 @@ async fn health_endpoints_and_every_metric_series() {
 
     let text = inst.metrics().await;
     let has_sample = |name: &str| {
-        text.lines().any(|l| {
-            !l.starts_with('#')
-                && (l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{")))
-        })
+        text.lines()
+            .any(|l| !l.starts_with('#') && (l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{"))))
     };
     for name in [
         "fanout_connections",
@@ -137,12 +95,8 @@ async fn health_endpoints_and_every_metric_series() {
     ] {
         assert!(has_sample(name), "/metrics lacks {name}:\n{text}");
     }
-    for series in [
-        "fanout_messages_in_total{source=\"ws\"}",
-        "fanout_messages_in_total{source=\"mqtt\"}",
-    ] {
-        let v = parse_metric(&text, series)
-            .unwrap_or_else(|| panic!("/metrics lacks {series}:\n{text}"));
+    for series in ["fanout_messages_in_total{source=\"ws\"}", "fanout_messages_in_total{source=\"mqtt\"}"] {
+        let v = parse_metric(&text, series).unwrap_or_else(|| panic!("/metrics lacks {series}:\n{text}"));
         assert!(v >= 1.0, "{series} = {v}");
     }
     // Nothing was dropped yet, so fanout_dropped_total may have no sample; it must be declared.
@@ -150,13 +104,11 @@ async fn health_endpoints_and_every_metric_series() {
         has_sample("fanout_dropped_total")
             || text
                 .lines()
-                .any(|l| l.starts_with("# TYPE fanout_dropped_total ")
-                    || l.starts_with("# TYPE fanout_dropped ")),
+                .any(|l| l.starts_with("# TYPE fanout_dropped_total ") || l.starts_with("# TYPE fanout_dropped ")),
         "/metrics lacks fanout_dropped_total:\n{text}"
     );
     assert!(
-        text.lines()
-            .any(|l| l.starts_with("fanout_dropped_total{") && l.contains("reason="))
+        text.lines().any(|l| l.starts_with("fanout_dropped_total{") && l.contains("reason="))
             || !has_sample("fanout_dropped_total"),
         "fanout_dropped_total must carry a reason label:\n{text}"
     );
@@ -180,18 +132,10 @@ async fn broker_restart_turns_readyz_503_then_resubscribes() {
         if r.status == 503 {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "/readyz stayed {} with the broker down",
-            r.status
-        );
+        assert!(Instant::now() < deadline, "/readyz stayed {} with the broker down", r.status);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(
-        http_get(inst.port, "/healthz").await.unwrap().status,
-        200,
-        "healthz while broker down"
-    );
+    assert_eq!(http_get(inst.port, "/healthz").await.unwrap().status, 200, "healthz while broker down");
 
     m.restart();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -200,10 +144,7 @@ async fn broker_restart_turns_readyz_503_then_resubscribes() {
         if r.status == 200 {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "/readyz never returned to 200 after the broker came back"
-        );
+        assert!(Instant::now() < deadline, "/readyz never returned to 200 after the broker came back");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Ready means every needed subscription is confirmed again: the new broker saw msg/bob.
@@ -212,10 +153,6 @@ async fn broker_restart_turns_readyz_503_then_resubscribes() {
         "msg/bob not resubscribed on the restarted broker before /readyz 200"
     );
     m.publish_text("msg/bob", "after restart");
-    assert_eq!(
-        bob.recv_text().await,
-        "after restart",
-        "bob's socket must survive the broker restart"
-    );
+    assert_eq!(bob.recv_text().await, "after restart", "bob's socket must survive the broker restart");
     assert!(inst.metric_or_zero("fanout_mqtt_reconnects_total").await >= 1.0);
 }

@@ -9,21 +9,14 @@ use common::*;
 use serde_json::{json, Value};
 
 fn assert_uuid(v: &Value, what: &str) {
-    let s = v
-        .as_str()
-        .unwrap_or_else(|| panic!("{what} is not a string: {v}"));
+    let s = v.as_str().unwrap_or_else(|| panic!("{what} is not a string: {v}"));
     uuid::Uuid::parse_str(s).unwrap_or_else(|e| panic!("{what} is not a UUID ({e}): {s}"));
 }
 
 fn assert_recent_millis(v: &Value) {
-    let t = v
-        .as_u64()
-        .unwrap_or_else(|| panic!("sentAt is not an integer: {v}"));
+    let t = v.as_u64().unwrap_or_else(|| panic!("sentAt is not an integer: {v}"));
     let now = now_millis();
-    assert!(
-        t > now - 60_000 && t <= now + 1_000,
-        "sentAt {t} is not Unix milliseconds near now ({now})"
-    );
+    assert!(t > now - 60_000 && t <= now + 1_000, "sentAt {t} is not Unix milliseconds near now ({now})");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,64 +50,31 @@ async fn message_reaches_recipient_on_other_instance_and_idle_instance_gets_noth
     assert_recent_millis(&got["sentAt"]);
 
     let ack = alice.expect_event("ack").await;
-    assert_eq!(
-        ack["id"], got["id"],
-        "ack id must be the message id; ack: {ack}"
-    );
+    assert_eq!(ack["id"], got["id"], "ack id must be the message id; ack: {ack}");
     assert_eq!(ack["clientMessageId"], json!("c-17"), "ack: {ack}");
 
     // Only B holds bob: B received one MQTT message, A and C none.
-    let b_in = b
-        .wait_metric(
-            "fanout_messages_in_total{source=\"mqtt\"}",
-            |v| v >= 1.0,
-            Duration::from_secs(5),
-        )
-        .await;
+    let b_in = b.wait_metric("fanout_messages_in_total{source=\"mqtt\"}", |v| v >= 1.0, Duration::from_secs(5)).await;
     assert_eq!(b_in, 1.0, "B fanout_messages_in_total{{source=\"mqtt\"}}");
     assert_eq!(
-        c.metric_or_zero("fanout_messages_in_total{source=\"mqtt\"}")
-            .await,
+        c.metric_or_zero("fanout_messages_in_total{source=\"mqtt\"}").await,
         0.0,
         "idle instance C received MQTT messages:\n{}",
         c.metrics().await
     );
-    assert_eq!(
-        a.metric_or_zero("fanout_messages_in_total{source=\"mqtt\"}")
-            .await,
-        0.0,
-        "A (sender only)"
-    );
-    assert_eq!(
-        a.metric_or_zero("fanout_messages_in_total{source=\"ws\"}")
-            .await,
-        1.0,
-        "A in{{ws}}"
-    );
-    assert!(
-        a.metric_or_zero("fanout_messages_published_total").await >= 1.0,
-        "A published_total"
-    );
-    assert!(
-        b.metric_or_zero("fanout_messages_delivered_total").await >= 1.0,
-        "B delivered_total"
-    );
+    assert_eq!(a.metric_or_zero("fanout_messages_in_total{source=\"mqtt\"}").await, 0.0, "A (sender only)");
+    assert_eq!(a.metric_or_zero("fanout_messages_in_total{source=\"ws\"}").await, 1.0, "A in{{ws}}");
+    assert!(a.metric_or_zero("fanout_messages_published_total").await >= 1.0, "A published_total");
+    assert!(b.metric_or_zero("fanout_messages_delivered_total").await >= 1.0, "B delivered_total");
 
     // The broker saw no wildcard subscription from anyone, and C subscribed to no user topic.
     for inst in [&a, &b, &c] {
         for f in m.subscriptions_of(&inst.client_id()) {
-            assert!(
-                !f.contains('#') && !f.contains('+'),
-                "{} subscribed with a wildcard: {f}",
-                inst.client_id()
-            );
+            assert!(!f.contains('#') && !f.contains('+'), "{} subscribed with a wildcard: {f}", inst.client_id());
         }
     }
     let c_subs = m.subscriptions_of(&c.client_id());
-    assert!(
-        c_subs.iter().all(|f| !f.starts_with("msg/")),
-        "C subscribed to user topics: {c_subs:?}"
-    );
+    assert!(c_subs.iter().all(|f| !f.starts_with("msg/")), "C subscribed to user topics: {c_subs:?}");
     assert_eq!(m.subscribe_count(&a.client_id(), "msg/alice"), 1);
     assert_eq!(m.subscribe_count(&b.client_id(), "msg/bob"), 1);
     assert_eq!(m.subscribe_count(&a.client_id(), "msg/bob"), 0);
@@ -127,20 +87,12 @@ async fn legacy_one_participant_event_name_works_and_omits_absent_client_message
     let mut alice = inst.connect("alice").await;
     let mut bob = inst.connect("bob").await;
 
-    alice
-        .emit(
-            "send_chat_message_to_one_participant",
-            json!({"participantId": "bob", "message": "old client"}),
-        )
-        .await;
+    alice.emit("send_chat_message_to_one_participant", json!({"participantId": "bob", "message": "old client"})).await;
     let got = bob.expect_event("chat_message").await;
     assert_eq!(got["from"], json!("alice"));
     assert_eq!(got["to"], json!("bob"));
     assert_eq!(got["message"], json!("old client"));
-    assert!(
-        got.get("clientMessageId").is_none(),
-        "clientMessageId must be absent when not given: {got}"
-    );
+    assert!(got.get("clientMessageId").is_none(), "clientMessageId must be absent when not given: {got}");
     let ack = alice.expect_event("ack").await;
     assert_eq!(ack["id"], got["id"]);
     assert!(
@@ -152,10 +104,7 @@ async fn legacy_one_participant_event_name_works_and_omits_absent_client_message
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_participants_dedups_keeps_order_and_lists_recipients() {
     let m = Mosquitto::start();
-    let (a, b) = tokio::join!(
-        Instance::start(InstanceOpts::broker(&m)),
-        Instance::start(InstanceOpts::broker(&m))
-    );
+    let (a, b) = tokio::join!(Instance::start(InstanceOpts::broker(&m)), Instance::start(InstanceOpts::broker(&m)));
     let mut alice = a.connect("alice").await;
     let mut bob = a.connect("bob").await;
     let mut carol = b.connect("carol").await;
@@ -172,10 +121,7 @@ async fn many_participants_dedups_keeps_order_and_lists_recipients() {
     let for_bob = bob.expect_event("chat_message").await;
     let for_carol = carol.expect_event("chat_message").await;
     for got in [&for_bob, &for_carol] {
-        assert_eq!(
-            got["to"], expected_to,
-            "to must be the de-duplicated list in first-given order: {got}"
-        );
+        assert_eq!(got["to"], expected_to, "to must be the de-duplicated list in first-given order: {got}");
         assert_eq!(got["from"], json!("alice"));
         assert_eq!(got["message"], json!({"k": "v"}));
         assert_eq!(got["clientMessageId"], json!("m-1"));
@@ -185,16 +131,8 @@ async fn many_participants_dedups_keeps_order_and_lists_recipients() {
     // No duplicate: the next frame each recipient sees is the follow-up message.
     alice.chat_acked("bob", json!("second"), "m-2").await;
     alice.chat_acked("carol", json!("second"), "m-3").await;
-    assert_eq!(
-        bob.expect_event("chat_message").await["message"],
-        json!("second"),
-        "bob got a duplicate"
-    );
-    assert_eq!(
-        carol.expect_event("chat_message").await["message"],
-        json!("second"),
-        "carol got a duplicate"
-    );
+    assert_eq!(bob.expect_event("chat_message").await["message"], json!("second"), "bob got a duplicate");
+    assert_eq!(carol.expect_event("chat_message").await["message"], json!("second"), "carol got a duplicate");
     // One ack per send: alice's next frame answers her next request.
     alice.emit("ping", json!({})).await;
     alice.expect_event("pong").await;
@@ -203,18 +141,11 @@ async fn many_participants_dedups_keeps_order_and_lists_recipients() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broadcast_needs_scope_and_reaches_every_instance() {
     let m = Mosquitto::start();
-    let (a, b) = tokio::join!(
-        Instance::start(InstanceOpts::broker(&m)),
-        Instance::start(InstanceOpts::broker(&m))
-    );
+    let (a, b) = tokio::join!(Instance::start(InstanceOpts::broker(&m)), Instance::start(InstanceOpts::broker(&m)));
     // Every instance subscribes to the broadcast topic.
     for inst in [&a, &b] {
         assert!(
-            m.wait_for_log(
-                |m| m.subscribe_count(&inst.client_id(), "broadcast") >= 1,
-                Duration::from_secs(5)
-            )
-            .await,
+            m.wait_for_log(|m| m.subscribe_count(&inst.client_id(), "broadcast") >= 1, Duration::from_secs(5)).await,
             "{} never subscribed to `broadcast`",
             inst.client_id()
         );
@@ -224,21 +155,13 @@ async fn broadcast_needs_scope_and_reaches_every_instance() {
     let mut bob = b.connect("bob").await;
 
     // Without the scope: forbidden, nothing sent.
-    plain
-        .emit(
-            "send_chat_message_to_all_participants",
-            json!({"message": "nope", "clientMessageId": "f-1"}),
-        )
-        .await;
+    plain.emit("send_chat_message_to_all_participants", json!({"message": "nope", "clientMessageId": "f-1"})).await;
     let err = plain.expect_event("error").await;
     assert_eq!(err["code"], json!("forbidden"), "error: {err}");
     assert_eq!(err["clientMessageId"], json!("f-1"), "error: {err}");
 
     admin
-        .emit(
-            "send_chat_message_to_all_participants",
-            json!({"message": "all hands", "clientMessageId": "b-1"}),
-        )
+        .emit("send_chat_message_to_all_participants", json!({"message": "all hands", "clientMessageId": "b-1"}))
         .await;
     // The sender may or may not get its own broadcast; find the ack among its frames.
     let mut ack = None;
@@ -248,11 +171,7 @@ async fn broadcast_needs_scope_and_reaches_every_instance() {
             ack = Some(v["data"].clone());
             break;
         }
-        assert_eq!(
-            v["event"],
-            json!("chat_message"),
-            "unexpected frame for the broadcaster: {v}"
-        );
+        assert_eq!(v["event"], json!("chat_message"), "unexpected frame for the broadcaster: {v}");
     }
     let ack = ack.expect("broadcaster got no ack");
     assert_eq!(ack["clientMessageId"], json!("b-1"));
@@ -260,10 +179,7 @@ async fn broadcast_needs_scope_and_reaches_every_instance() {
         let got = c.expect_event("chat_message").await;
         assert_eq!(got["message"], json!("all hands"), "{got}");
         assert_eq!(got["from"], json!("admin"), "{got}");
-        assert!(
-            got.get("to").is_some() && got["to"].is_null(),
-            "to must be null for a broadcast: {got}"
-        );
+        assert!(got.get("to").is_some() && got["to"].is_null(), "to must be null for a broadcast: {got}");
         assert_eq!(got["id"], ack["id"]);
     }
 }

@@ -34,36 +34,20 @@ pub fn free_port() -> u16 {
 }
 
 pub fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
 }
 
 pub fn now_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
 }
 
 /// A short unique suffix for instance ids and user ids, so parallel tests never collide.
 pub fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..10]
-    )
+    format!("{prefix}{}", &uuid::Uuid::new_v4().simple().to_string()[..10])
 }
 
 fn find_program(name: &str) -> PathBuf {
-    for dir in [
-        "/usr/sbin",
-        "/usr/bin",
-        "/usr/local/sbin",
-        "/usr/local/bin",
-        "/sbin",
-        "/bin",
-    ] {
+    for dir in ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin", "/sbin", "/bin"] {
         let p = PathBuf::from(dir).join(name);
         if p.exists() {
             return p;
@@ -118,11 +102,7 @@ impl Mosquitto {
             )
             .unwrap();
             if let Some(child) = spawn_mosquitto(dir.path(), port) {
-                return Mosquitto {
-                    child: Some(child),
-                    dir,
-                    port,
-                };
+                return Mosquitto { child: Some(child), dir, port };
             }
         }
         panic!("mosquitto did not start; see {}", dir.path().display());
@@ -196,6 +176,24 @@ impl Mosquitto {
             .count()
     }
 
+    /// How many times a client with this id connected (`New client connected ... as <id> (`).
+    pub fn connect_count(&self, client_id: &str) -> usize {
+        let needle = format!(" as {client_id} (");
+        self.log_lines().iter().filter(|l| l.starts_with("New client connected") && l.contains(&needle)).count()
+    }
+
+    /// How many times a client with this id went away (DISCONNECT, socket error, protocol
+    /// error, kicked by a takeover).
+    pub fn disconnect_count(&self, client_id: &str) -> usize {
+        self.log_lines()
+            .iter()
+            .filter(|l| {
+                l.starts_with(&format!("Client {client_id} "))
+                    || l.starts_with(&format!("Socket error on client {client_id},"))
+            })
+            .count()
+    }
+
     /// Every topic filter that `client_id` subscribed to (with repetitions).
     pub fn subscriptions_of(&self, client_id: &str) -> Vec<String> {
         self.log_lines()
@@ -235,11 +233,7 @@ impl Mosquitto {
 impl Drop for Mosquitto {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!(
-                "---- mosquitto log (port {}) ----\n{}",
-                self.port,
-                self.log()
-            );
+            eprintln!("---- mosquitto log (port {}) ----\n{}", self.port, self.log());
         }
         self.stop();
     }
@@ -249,11 +243,7 @@ impl Drop for Mosquitto {
 /// `None` if it exited (port taken) or never listened.
 fn spawn_mosquitto(dir: &std::path::Path, port: u16) -> Option<Child> {
     let bin = find_program("mosquitto");
-    let stderr = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("mosquitto.stderr"))
-        .unwrap();
+    let stderr = fs::OpenOptions::new().create(true).append(true).open(dir.join("mosquitto.stderr")).unwrap();
     let mut child = Command::new(bin)
         .arg("-c")
         .arg(dir.join("mosquitto.conf"))
@@ -287,16 +277,7 @@ pub enum PubPayload<'a> {
 pub fn mosquitto_pub(port: u16, topic: &str, payload: PubPayload<'_>) {
     let bin = find_program("mosquitto_pub");
     let mut cmd = Command::new(bin);
-    cmd.args([
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &port.to_string(),
-        "-q",
-        "1",
-        "-t",
-        topic,
-    ]);
+    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", topic]);
     let _tmp;
     match payload {
         PubPayload::Text(t) => {
@@ -311,11 +292,7 @@ pub fn mosquitto_pub(port: u16, topic: &str, payload: PubPayload<'_>) {
         }
     }
     let out = cmd.output().expect("run mosquitto_pub");
-    assert!(
-        out.status.success(),
-        "mosquitto_pub failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "mosquitto_pub failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -336,10 +313,7 @@ pub struct InstanceOpts {
 
 impl InstanceOpts {
     pub fn broker(m: &Mosquitto) -> InstanceOpts {
-        InstanceOpts {
-            mqtt_url: Some(m.url()),
-            ..Default::default()
-        }
+        InstanceOpts { mqtt_url: Some(m.url()), ..Default::default() }
     }
 
     pub fn arg(mut self, a: impl Into<String>) -> Self {
@@ -386,8 +360,7 @@ impl Instance {
                 None => {
                     let p = opts.embedded_mqtt_port.unwrap_or_else(free_port);
                     embedded = Some(p);
-                    cmd.arg("--embedded-mqtt-listen")
-                        .arg(format!("127.0.0.1:{p}"));
+                    cmd.arg("--embedded-mqtt-listen").arg(format!("127.0.0.1:{p}"));
                 }
             }
             cmd.args(&opts.args);
@@ -397,24 +370,10 @@ impl Instance {
                     cmd.env_remove(k);
                 }
             }
-            cmd.env(
-                "RUST_LOG",
-                std::env::var("FANOUT_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
-            );
-            let child = cmd
-                .stdin(Stdio::null())
-                .stdout(out)
-                .stderr(err)
-                .spawn()
-                .expect("spawn fanout");
-            let mut inst = Instance {
-                child,
-                dir,
-                port,
-                id: id.clone(),
-                secret: SECRET.to_string(),
-                embedded_mqtt_port: embedded,
-            };
+            cmd.env("RUST_LOG", std::env::var("FANOUT_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()));
+            let child = cmd.stdin(Stdio::null()).stdout(out).stderr(err).spawn().expect("spawn fanout");
+            let mut inst =
+                Instance { child, dir, port, id: id.clone(), secret: SECRET.to_string(), embedded_mqtt_port: embedded };
             let deadline = Instant::now() + READY_TIMEOUT;
             let mut exited = false;
             loop {
@@ -488,12 +447,7 @@ impl Instance {
     }
 
     /// Polls `/metrics` until `pred(value)` holds for `series`; returns the last value.
-    pub async fn wait_metric(
-        &self,
-        series: &str,
-        pred: impl Fn(f64) -> bool,
-        timeout: Duration,
-    ) -> f64 {
+    pub async fn wait_metric(&self, series: &str, pred: impl Fn(f64) -> bool, timeout: Duration) -> f64 {
         let deadline = Instant::now() + timeout;
         loop {
             let v = self.metric_or_zero(series).await;
@@ -510,12 +464,7 @@ impl Drop for Instance {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            eprintln!(
-                "---- fanout instance {} (port {}) output ----\n{}",
-                self.id,
-                self.port,
-                self.output()
-            );
+            eprintln!("---- fanout instance {} (port {}) output ----\n{}", self.id, self.port, self.output());
         }
     }
 }
@@ -584,10 +533,7 @@ pub struct HttpResponse {
 impl HttpResponse {
     pub fn header(&self, name: &str) -> Option<&str> {
         let name = name.to_ascii_lowercase();
-        self.headers
-            .iter()
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_str())
     }
 }
 
@@ -598,11 +544,7 @@ pub async fn http_get(port: u16, path: &str) -> std::io::Result<HttpResponse> {
 
 /// A WebSocket upgrade attempt by hand, so a refusal can be inspected: returns the response
 /// (status 101 means the server upgraded).
-pub async fn upgrade_attempt(
-    port: u16,
-    path_and_query: &str,
-    extra: &[(&str, &str)],
-) -> HttpResponse {
+pub async fn upgrade_attempt(port: u16, path_and_query: &str, extra: &[(&str, &str)]) -> HttpResponse {
     let mut headers = vec![
         ("Connection", "Upgrade"),
         ("Upgrade", "websocket"),
@@ -610,18 +552,12 @@ pub async fn upgrade_attempt(
         ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
     ];
     headers.extend_from_slice(extra);
-    http_request(port, path_and_query, &headers)
-        .await
-        .expect("upgrade attempt")
+    http_request(port, path_and_query, &headers).await.expect("upgrade attempt")
 }
 
 /// Sends one GET request and reads one response (Content-Length, chunked, or to EOF; a 101
 /// response has no body). Times out after 5 s.
-pub async fn http_request(
-    port: u16,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> std::io::Result<HttpResponse> {
+pub async fn http_request(port: u16, path: &str, headers: &[(&str, &str)]) -> std::io::Result<HttpResponse> {
     tokio::time::timeout(Duration::from_secs(5), async {
         let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
         let mut req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n");
@@ -638,10 +574,7 @@ pub async fn http_request(
             }
             let n = s.read(&mut chunk).await?;
             if n == 0 {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "no response head",
-                ));
+                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "no response head"));
             }
             buf.extend_from_slice(&chunk[..n]);
         };
@@ -652,9 +585,7 @@ pub async fn http_request(
             .split_whitespace()
             .nth(1)
             .and_then(|s| s.parse().ok())
-            .ok_or_else(|| {
-                std::io::Error::new(std::io::ErrorKind::InvalidData, status_line.to_string())
-            })?;
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, status_line.to_string()))?;
         let headers: Vec<(String, String)> = lines
             .filter_map(|l| l.split_once(':'))
             .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
@@ -672,9 +603,7 @@ pub async fn http_request(
                 body.extend_from_slice(&chunk[..n]);
             }
             body.truncate(len);
-        } else if get("transfer-encoding")
-            .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"))
-        {
+        } else if get("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
             loop {
                 if let Some(decoded) = dechunk(&body) {
                     body = decoded;
@@ -690,11 +619,7 @@ pub async fn http_request(
         } else {
             s.read_to_end(&mut body).await?;
         }
-        Ok(HttpResponse {
-            status,
-            headers,
-            body: String::from_utf8_lossy(&body).to_string(),
-        })
+        Ok(HttpResponse { status, headers, body: String::from_utf8_lossy(&body).to_string() })
     })
     .await
     .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "HTTP request timed out"))?
@@ -752,10 +677,7 @@ pub struct Client {
 
 impl Client {
     /// Opens the WebSocket; returns the tungstenite error on refusal.
-    pub async fn connect(
-        inst: &Instance,
-        auth: Auth<'_>,
-    ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+    pub async fn connect(inst: &Instance, auth: Auth<'_>) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
         let url = match auth {
             Auth::Query(t) => format!("{}?token={t}", inst.ws_url()),
             _ => inst.ws_url(),
@@ -767,52 +689,33 @@ impl Client {
                 h.insert("Sec-WebSocket-Protocol", HeaderValue::from_str(t).unwrap());
             }
             Auth::BearerSubprotocol(t) => {
-                h.insert(
-                    "Sec-WebSocket-Protocol",
-                    HeaderValue::from_str(&format!("bearer, {t}")).unwrap(),
-                );
+                h.insert("Sec-WebSocket-Protocol", HeaderValue::from_str(&format!("bearer, {t}")).unwrap());
             }
             Auth::Header(t) => {
-                h.insert(
-                    "Authorization",
-                    HeaderValue::from_str(&format!("Bearer {t}")).unwrap(),
-                );
+                h.insert("Authorization", HeaderValue::from_str(&format!("Bearer {t}")).unwrap());
             }
             Auth::Query(_) => {}
         }
-        let (ws, resp) = tokio::time::timeout(RECV_TIMEOUT, tokio_tungstenite::connect_async(req))
-            .await
-            .map_err(|_| {
+        let (ws, resp) =
+            tokio::time::timeout(RECV_TIMEOUT, tokio_tungstenite::connect_async(req)).await.map_err(|_| {
                 tokio_tungstenite::tungstenite::Error::Io(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     "WebSocket handshake timed out",
                 ))
             })??;
-        let protocol = resp
-            .headers()
-            .get("sec-websocket-protocol")
-            .map(|v| v.to_str().unwrap_or_default().to_string());
-        Ok(Client {
-            ws,
-            protocol,
-            connected: Value::Null,
-        })
+        let protocol = resp.headers().get("sec-websocket-protocol").map(|v| v.to_str().unwrap_or_default().to_string());
+        Ok(Client { ws, protocol, connected: Value::Null })
     }
 
     /// Connects and waits for the `connected` event (the subscription is then confirmed).
     pub async fn connect_ok(inst: &Instance, auth: Auth<'_>) -> Client {
-        let mut c = Client::connect(inst, auth)
-            .await
-            .unwrap_or_else(|e| panic!("connect with {auth:?} failed: {e}"));
+        let mut c = Client::connect(inst, auth).await.unwrap_or_else(|e| panic!("connect with {auth:?} failed: {e}"));
         c.connected = c.expect_event("connected").await;
         c
     }
 
     pub fn connection_id(&self) -> String {
-        self.connected["connectionId"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
+        self.connected["connectionId"].as_str().unwrap_or_default().to_string()
     }
 
     /// Next data frame (text, binary or close), skipping ping/pong; `None` on timeout or when
@@ -820,9 +723,7 @@ impl Client {
     pub async fn recv_timeout(&mut self, timeout: Duration) -> Option<Message> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let m = tokio::time::timeout_at(deadline, self.ws.next())
-                .await
-                .ok()??;
+            let m = tokio::time::timeout_at(deadline, self.ws.next()).await.ok()??;
             match m {
                 Ok(Message::Ping(_)) | Ok(Message::Pong(_)) | Ok(Message::Frame(_)) => continue,
                 Ok(m) => return Some(m),
@@ -854,11 +755,7 @@ impl Client {
     /// Next frame must be `{"event": event, ...}`; returns its `data`.
     pub async fn expect_event(&mut self, event: &str) -> Value {
         let v = self.recv_json().await;
-        assert_eq!(
-            v["event"],
-            json!(event),
-            "expected event {event:?}, got {v}"
-        );
+        assert_eq!(v["event"], json!(event), "expected event {event:?}, got {v}");
         v["data"].clone()
     }
 
@@ -898,9 +795,7 @@ impl Client {
     pub async fn recv_close(&mut self, timeout: Duration) -> Option<u16> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let m = tokio::time::timeout_at(deadline, self.ws.next())
-                .await
-                .ok()??;
+            let m = tokio::time::timeout_at(deadline, self.ws.next()).await.ok()??;
             match m {
                 Ok(Message::Close(Some(f))) => return Some(u16::from(f.code)),
                 Ok(Message::Close(None)) => return Some(1005),
@@ -913,10 +808,7 @@ impl Client {
     /// Closes from the client side (code 1000) and drains until the server's close arrives.
     pub async fn close(mut self) {
         let _ = self.ws.close(None).await;
-        let _ = tokio::time::timeout(RECV_TIMEOUT, async {
-            while let Some(Ok(_)) = self.ws.next().await {}
-        })
-        .await;
+        let _ = tokio::time::timeout(RECV_TIMEOUT, async { while let Some(Ok(_)) = self.ws.next().await {} }).await;
     }
 }
 
