@@ -24,5 +24,5 @@ echo "test.sh: cargo fmt --check"
 cargo fmt --check
 echo "test.sh: cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
-echo "test.sh: cargo test --release --all-targets"
+echo "test.sh: cargo test --release --all-targets --no-fail-fast"
 cargo test --release --all-targets --no-fail-fast

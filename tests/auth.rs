@@ -182,3 +182,23 @@ async fn spoofed_from_is_ignored() {
     assert_eq!(got["from"], json!("alice"), "from must be the verified sender: {got}");
     alice.expect_event("ack").await;
 }
+
+#[test]
+fn check_token_command_accepts_and_rejects() {
+    let run = |t: &str| {
+        Command::new(env!("CARGO_BIN_EXE_fanout"))
+            .args(["check-token", t])
+            .env("FANOUT_JWT_SECRET", SECRET)
+            .output()
+            .expect("run fanout check-token")
+    };
+    let good = run(&token(SECRET, "alice", 600, None));
+    assert_eq!(good.status.code(), Some(0), "valid token: {}", String::from_utf8_lossy(&good.stdout));
+    for (what, t) in bad_tokens() {
+        let Some(t) = t else { continue };
+        let out = run(&t);
+        assert_eq!(out.status.code(), Some(1), "{what}: check-token must exit 1");
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(!said.trim().is_empty(), "{what}: check-token must say why");
+    }
+}

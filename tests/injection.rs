@@ -49,3 +49,20 @@ async fn injected_broadcast_reaches_users_on_every_instance() {
     assert_eq!(alice.recv_text().await, payload);
     assert_eq!(bob.recv_text().await, payload);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redelivered_message_id_reaches_each_connection_once() {
+    let m = Mosquitto::start();
+    let inst = Instance::start(InstanceOpts::broker(&m)).await;
+    let mut alice = inst.connect("alice").await;
+    let id = uuid::Uuid::new_v4();
+    let payload = format!(
+        r#"{{"event":"chat_message","data":{{"id":"{id}","from":"bob","to":"alice","message":"once","sentAt":1767225600123}}}}"#
+    );
+    // The same message twice, as a broker redelivery would look.
+    m.publish_text("msg/alice", &payload);
+    m.publish_text("msg/alice", &payload);
+    m.publish_text("msg/alice", "sentinel");
+    assert_eq!(alice.recv_text().await, payload);
+    assert_eq!(alice.recv_text().await, "sentinel", "message id {id} was delivered twice");
+}

@@ -118,9 +118,10 @@ async fn health_endpoints_and_every_metric_series() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broker_restart_turns_readyz_503_then_resubscribes() {
+async fn broker_outage_turns_readyz_503_refuses_with_1013_and_loses_nothing() {
     let mut m = Mosquitto::start();
     let inst = Instance::start(InstanceOpts::broker(&m)).await;
+    let mut alice = inst.connect("alice").await;
     let mut bob = inst.connect("bob").await;
     let subs_before = m.subscribe_count(&inst.client_id(), "msg/bob");
     assert_eq!(subs_before, 1);
@@ -137,6 +138,41 @@ async fn broker_restart_turns_readyz_503_then_resubscribes() {
     }
     assert_eq!(http_get(inst.port, "/healthz").await.unwrap().status, 200, "healthz while broker down");
 
+    // A message sent while the broker is away is acked (and sent later) or refused with
+    // `unavailable` (and never sent); it is not silently lost.
+    alice
+        .emit(
+            "send_chat_message_to_participant",
+            json!({"participantId": "bob", "message": "during outage", "clientMessageId": "out-1"}),
+        )
+        .await;
+    let reply = match alice.recv_timeout(Duration::from_secs(15)).await {
+        Some(tokio_tungstenite::tungstenite::Message::Text(t)) => {
+            serde_json::from_str::<serde_json::Value>(&t).unwrap()
+        }
+        other => panic!("no ack or error for a message sent during the outage: {other:?}"),
+    };
+    assert_eq!(reply["data"]["clientMessageId"], json!("out-1"), "{reply}");
+    let acked = match reply["event"].as_str() {
+        Some("ack") => true,
+        Some("error") => {
+            assert_eq!(reply["data"]["code"], json!("unavailable"), "{reply}");
+            false
+        }
+        _ => panic!("unexpected reply {reply}"),
+    };
+
+    // A new connection cannot get its subscription confirmed: closed with 1013, no `connected`.
+    let mut carol = Client::connect(&inst, Auth::Subprotocol(&inst.token("carol")))
+        .await
+        .expect("upgrade while the broker is down (spec: close 1013 afterwards, not a refusal)");
+    match carol.recv_timeout(Duration::from_secs(15)).await {
+        Some(tokio_tungstenite::tungstenite::Message::Close(Some(f))) => {
+            assert_eq!(u16::from(f.code), 1013, "close code while the broker is down")
+        }
+        other => panic!("expected close 1013 while the broker is down, got {other:?}"),
+    }
+
     m.restart();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -152,6 +188,10 @@ async fn broker_restart_turns_readyz_503_then_resubscribes() {
         m.subscribe_count(&inst.client_id(), "msg/bob") > subs_before,
         "msg/bob not resubscribed on the restarted broker before /readyz 200"
     );
+    if acked {
+        let got = bob.expect_event("chat_message").await;
+        assert_eq!(got["message"], json!("during outage"), "acked message from the outage: {got}");
+    }
     m.publish_text("msg/bob", "after restart");
     assert_eq!(bob.recv_text().await, "after restart", "bob's socket must survive the broker restart");
     assert!(inst.metric_or_zero("fanout_mqtt_reconnects_total").await >= 1.0);
