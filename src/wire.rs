@@ -110,38 +110,50 @@ fn bad_json(msg: impl Into<String>) -> WireError {
 pub fn decode(frame: &str, may_broadcast: bool) -> Result<ClientEvent<'_>, WireError> {
     let raw: RawFrame = serde_json::from_str(frame)
         .map_err(|e| bad_json(format!("expected a JSON object {{\"event\":…,\"data\":…}}: {e}")))?;
+    // Read the clientMessageId first, so that every later error can echo it.
+    let chat: Option<RawChat> = raw.data.and_then(|d| serde_json::from_str(d.get()).ok());
+    let client_message_id = match chat.as_ref().and_then(|c| c.client_message_id) {
+        None => None,
+        Some(v) => match serde_json::from_str::<Option<String>>(v.get()) {
+            Ok(Some(s)) if s.len() <= MAX_CLIENT_MESSAGE_ID => Some(s),
+            Ok(None) => None,
+            _ => {
+                return Err(bad_json(format!(
+                    "\"clientMessageId\" must be a string of at most {MAX_CLIENT_MESSAGE_ID} bytes"
+                )))
+            }
+        },
+    };
+    decode_event(raw, chat, may_broadcast)
+        .map_err(|mut e| {
+            e.client_message_id.clone_from(&client_message_id);
+            e
+        })
+        .map(|ev| match ev {
+            ClientEvent::Chat { to, message, .. } => ClientEvent::Chat { to, message, client_message_id },
+            ping => ping,
+        })
+}
+
+fn decode_event<'a>(
+    raw: RawFrame<'a>,
+    chat: Option<RawChat<'a>>,
+    may_broadcast: bool,
+) -> Result<ClientEvent<'a>, WireError> {
     let event: String = serde_json::from_str(raw.event.get()).map_err(|_| bad_json("\"event\" must be a string"))?;
-    let data_is_null = raw.data.is_none_or(|d| d.get() == "null");
     match event.as_str() {
         "ping" => Ok(ClientEvent::Ping),
         "send_chat_message_to_participant"
         | "send_chat_message_to_one_participant"
         | "send_chat_message_to_many_participants"
         | "send_chat_message_to_all_participants" => {
-            if data_is_null {
-                return Err(bad_json("\"data\" must be an object with a \"message\""));
-            }
-            let data = raw.data.map(RawValue::get).unwrap_or("{}");
-            let chat: RawChat =
-                serde_json::from_str(data).map_err(|e| bad_json(format!("\"data\" must be an object: {e}")))?;
-            let client_message_id = match chat.client_message_id {
-                None => None,
-                Some(v) => match serde_json::from_str::<Option<String>>(v.get()) {
-                    Ok(Some(s)) if s.len() <= MAX_CLIENT_MESSAGE_ID => Some(s),
-                    Ok(None) => None,
-                    _ => {
-                        return Err(bad_json(format!(
-                            "\"clientMessageId\" must be a string of at most {MAX_CLIENT_MESSAGE_ID} bytes"
-                        )))
-                    }
-                },
+            let chat = match (raw.data.map(RawValue::get), chat) {
+                (None | Some("null"), _) => return Err(bad_json("\"data\" must be an object with a \"message\"")),
+                (Some(_), None) => return Err(bad_json("\"data\" must be an object with a \"message\"")),
+                (Some(_), Some(c)) => c,
             };
-            decode_chat(&event, chat, may_broadcast)
-                .map_err(|mut e| {
-                    e.client_message_id = client_message_id.clone();
-                    e
-                })
-                .map(|(to, message)| ClientEvent::Chat { to, message, client_message_id })
+            let (to, message) = decode_chat(&event, chat, may_broadcast)?;
+            Ok(ClientEvent::Chat { to, message, client_message_id: None })
         }
         other => {
             let shown: String = other.chars().take(64).collect();
@@ -361,6 +373,10 @@ mod tests {
         );
         assert_eq!(err(r#"{"event":"send_chat_message_to_participant"}"#).code, ErrorCode::BadJson);
         assert_eq!(err(r#"{"event":"dance","data":{}}"#).code, ErrorCode::UnknownEvent);
+        let e = err(r#"{"event":"dance","data":{"clientMessageId":"c9"}}"#);
+        assert_eq!((e.code, e.client_message_id.as_deref()), (ErrorCode::UnknownEvent, Some("c9")));
+        let e = err(r#"{"event":7,"data":{"clientMessageId":"c9"}}"#);
+        assert_eq!((e.code, e.client_message_id.as_deref()), (ErrorCode::BadJson, Some("c9")));
         for id in [json!("#"), json!("+"), json!("a/b"), json!(""), json!("a".repeat(300)), json!("a\u{1}"), json!(5)] {
             let f = json!({"event":"send_chat_message_to_participant","data":{"message":"x","participantId":id,"clientMessageId":"c"}});
             let e = err(&f.to_string());
