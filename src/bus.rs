@@ -46,8 +46,6 @@ use crate::wire;
 
 /// Topics per SUBSCRIBE when resubscribing (keeps each packet far below packet limits).
 const RESUBSCRIBE_CHUNK: usize = 64;
-/// Capacity of rumqttc's request channel (publishes, subscribes, unsubscribes waiting for the loop).
-const REQUEST_CHANNEL: usize = 4096;
 /// Room for the envelope around the client's frame in a publish.
 pub const ENVELOPE_SLACK: usize = 8 * 1024;
 
@@ -142,7 +140,7 @@ pub fn mqtt_options(cfg: &Config) -> MqttOptions {
 impl Bus {
     /// Creates the bus and its event loop; run the loop with [`Bus::run`].
     pub fn new(cfg: &Config, hub: Arc<Hub>, metrics: Arc<Metrics>) -> (Arc<Bus>, EventLoop) {
-        let (client, mut eventloop) = AsyncClient::new(mqtt_options(cfg), REQUEST_CHANNEL);
+        let (client, mut eventloop) = AsyncClient::new(mqtt_options(cfg), cfg.publish_queue);
         let mut net = NetworkOptions::new();
         net.set_tcp_nodelay(true);
         net.set_connection_timeout(5);

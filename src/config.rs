@@ -72,6 +72,24 @@ pub struct ServeArgs {
     #[arg(long, env = "FANOUT_RATE_BURST", default_value_t = 40)]
     pub rate_burst: u32,
 
+    /// Most simultaneous WebSocket connections on this instance; beyond it upgrades get 503.
+    #[arg(long, env = "FANOUT_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+
+    /// Most simultaneous connections of one user on this instance; beyond it upgrades get 429.
+    #[arg(long, env = "FANOUT_MAX_CONNECTIONS_PER_USER", default_value_t = 32)]
+    pub max_connections_per_user: usize,
+
+    /// How long a chat message may wait for room toward the broker before the sender gets
+    /// `unavailable`, and how long a new connection waits for its subscription before 1013.
+    #[arg(long, env = "FANOUT_BROKER_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub broker_timeout: Duration,
+
+    /// Requests (publishes, subscribes) that may wait for the broker connection, e.g. while
+    /// the broker is unreachable. When full, publishes wait --broker-timeout, then fail.
+    #[arg(long, env = "FANOUT_PUBLISH_QUEUE", default_value_t = 4096)]
+    pub publish_queue: usize,
+
     /// Enables POST /api/publish with this bearer key.
     #[arg(long, env = "FANOUT_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -124,6 +142,10 @@ pub struct Config {
     pub rate_burst: u32,
     pub api_key: Option<String>,
     pub log_format: LogFormat,
+    pub max_connections: usize,
+    pub max_connections_per_user: usize,
+    /// Capacity of the request queue toward the broker.
+    pub publish_queue: usize,
     /// Server ping interval; a peer silent for `idle_timeout` is dropped.
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
@@ -221,6 +243,18 @@ impl ServeArgs {
         if self.rate_burst == 0 {
             return Err(bad("--rate-burst", "FANOUT_RATE_BURST", "must be at least 1"));
         }
+        if self.max_connections == 0 {
+            return Err(bad("--max-connections", "FANOUT_MAX_CONNECTIONS", "must be at least 1"));
+        }
+        if self.max_connections_per_user == 0 {
+            return Err(bad("--max-connections-per-user", "FANOUT_MAX_CONNECTIONS_PER_USER", "must be at least 1"));
+        }
+        if self.broker_timeout.is_zero() || self.broker_timeout > Duration::from_secs(300) {
+            return Err(bad("--broker-timeout", "FANOUT_BROKER_TIMEOUT", "must be between 1ms and 5m, e.g. 5s"));
+        }
+        if !(16..=1_000_000).contains(&self.publish_queue) {
+            return Err(bad("--publish-queue", "FANOUT_PUBLISH_QUEUE", "must be between 16 and 1000000"));
+        }
         if matches!(&self.api_key, Some(k) if k.len() < 16) {
             return Err(bad("--api-key", "FANOUT_API_KEY", "must be at least 16 characters"));
         }
@@ -239,9 +273,12 @@ impl ServeArgs {
             rate_burst: self.rate_burst,
             api_key: self.api_key,
             log_format: self.log_format,
+            max_connections: self.max_connections,
+            max_connections_per_user: self.max_connections_per_user,
+            publish_queue: self.publish_queue,
             ping_interval: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(60),
-            broker_wait: Duration::from_secs(5),
+            broker_wait: self.broker_timeout,
         })
     }
 }

@@ -11,6 +11,7 @@ use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
 use crate::auth::{AuthError, Verifier};
+use crate::limits::{ConnLimiter, LimitError};
 use crate::session::{self, Shared};
 
 /// Everything the routes need.
@@ -21,6 +22,8 @@ pub struct Gateway {
     pub sessions: TaskTracker,
     /// Set at shutdown: `/readyz` answers 503 and upgrades are refused.
     pub draining: AtomicBool,
+    /// Connection limits, checked before the upgrade.
+    pub limits: Arc<ConnLimiter>,
 }
 
 /// Where the token was found, and what to echo in `Sec-WebSocket-Protocol`.
@@ -100,13 +103,27 @@ impl Gateway {
                 serde_json::json!({"error": "upgrade_required", "message": "this endpoint speaks WebSocket only"}),
             );
         };
+        let permit = match self.limits.try_acquire(&id.user_id) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::info!(user_id = %id.user_id, reason = %e, "upgrade refused: connection limit");
+                let (status, code) = match e {
+                    LimitError::Instance(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+                    LimitError::User(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_connections"),
+                };
+                return json_response(status, serde_json::json!({"error": code, "message": e.to_string()}));
+            }
+        };
         let max = self.shared.cfg.max_message_bytes;
         let shared = self.shared.clone();
         let tracker = self.sessions.clone();
-        let reply = ws
-            .max_message_size(max)
-            .max_frame_size(max)
-            .on_upgrade(move |socket| tracker.track_future(session::serve(socket, id, shared)));
+        // The permit lives as long as the session (or until warp drops an upgrade that failed).
+        let reply = ws.max_message_size(max).max_frame_size(max).on_upgrade(move |socket| {
+            tracker.track_future(async move {
+                session::serve(socket, id, shared).await;
+                drop(permit);
+            })
+        });
         let mut resp = reply.into_response();
         if let Some(echo) = found.and_then(|f| f.echo) {
             if let Ok(v) = http::HeaderValue::from_str(&echo) {

@@ -16,6 +16,7 @@
 //!   inbound routing into the hub.
 //! * [`session`] — one WebSocket: reader, writer, pings, timeouts, rate limit.
 //! * [`gateway`] — warp routes: upgrade + auth, health, readiness, metrics.
+//! * [`limits`] — connection limits per instance and per user.
 //! * [`metrics`] — every metric, with verb methods.
 //! * [`server`] — wires the parts together, runs them, and shuts them down in order.
 //! * `broker` — the embedded development broker (cargo feature `embedded-broker`).
@@ -35,6 +36,7 @@ pub mod bus;
 pub mod config;
 pub mod gateway;
 pub mod hub;
+pub mod limits;
 pub mod metrics;
 pub mod server;
 pub mod session;

@@ -71,6 +71,7 @@ pub struct Metrics {
     mqtt_connected: Gauge,
     mqtt_reconnects: Counter,
     connects: Counter,
+    slow_consumers: Counter,
     auth_failures: Counter,
     ready: Gauge<i64, std::sync::atomic::AtomicI64>,
 }
@@ -97,6 +98,7 @@ impl Metrics {
             mqtt_connected: Gauge::default(),
             mqtt_reconnects: Counter::default(),
             connects: Counter::default(),
+            slow_consumers: Counter::default(),
             auth_failures: Counter::default(),
             ready: Gauge::default(),
         };
@@ -123,6 +125,11 @@ impl Metrics {
             m.mqtt_reconnects.clone(),
         );
         r.register("fanout_connects", "WebSocket connections accepted (connected frame sent)", m.connects.clone());
+        r.register(
+            "fanout_slow_consumers",
+            "Connections closed with 4008 because their outbound queue overflowed",
+            m.slow_consumers.clone(),
+        );
         r.register("fanout_auth_failures", "Upgrade requests refused with 401", m.auth_failures.clone());
         r.register("fanout_ready", "1 while /readyz answers 200", m.ready.clone());
         let info: Family<InfoLabels, Gauge> = Family::default();
@@ -195,6 +202,9 @@ impl Metrics {
     }
     pub fn mqtt_down(&self) {
         self.mqtt_connected.set(0);
+    }
+    pub fn slow_consumer(&self) {
+        self.slow_consumers.inc();
     }
     pub fn auth_failed(&self) {
         self.auth_failures.inc();

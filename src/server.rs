@@ -97,7 +97,13 @@ pub async fn serve(cfg: Config, stop: impl std::future::Future<Output = ()>) -> 
     let shutdown = CancellationToken::new();
     let shared =
         Arc::new(Shared { cfg: cfg.clone(), hub: hub.clone(), bus: bus.clone(), metrics, shutdown: shutdown.clone() });
-    let gw = Arc::new(Gateway { shared, verifier, sessions: TaskTracker::new(), draining: AtomicBool::new(false) });
+    let gw = Arc::new(Gateway {
+        shared,
+        verifier,
+        sessions: TaskTracker::new(),
+        draining: AtomicBool::new(false),
+        limits: crate::limits::ConnLimiter::new(cfg.max_connections, cfg.max_connections_per_user),
+    });
     let http_stop = CancellationToken::new();
     let server = tokio::spawn(
         warp::serve(gw.clone().routes()).incoming(listener).graceful(http_stop.clone().cancelled_owned()).run(),

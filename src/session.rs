@@ -125,11 +125,16 @@ async fn run(ws: WebSocket, id: Identity, conn_id: uuid::Uuid, sh: Arc<Shared>) 
             biased;
             _ = sh.shutdown.cancelled() => Some(End::Close(close::GOING_AWAY, "instance shutting down")),
             _ = tokio::time::sleep_until(expiry) => Some(End::Close(close::TOKEN_EXPIRED, "token expired")),
-            _ = outbox.overflow.notified() => Some(End::Close(close::SLOW_CONSUMER, "slow consumer: outbound queue overflowed")),
+            _ = outbox.overflow.notified() => Some(slow_consumer()),
             m = outbox_rx.recv() => match m {
                 Some(m) => {
                     outbox.taken(&m);
-                    send(&mut tx, m).await.err().map(|()| End::Gone)
+                    // A write blocked on a peer that stopped reading must not hide the
+                    // overflow: whatever is half-written stays buffered ahead of the close.
+                    tokio::select! {
+                        r = send(&mut tx, m) => r.err().map(|()| End::Gone),
+                        _ = outbox.overflow.notified() => Some(slow_consumer()),
+                    }
                 }
                 None => Some(End::Gone),
             },
@@ -159,7 +164,7 @@ async fn run(ws: WebSocket, id: Identity, conn_id: uuid::Uuid, sh: Arc<Shared>) 
     let code = match end {
         Some(End::Close(code, why)) => {
             if code == close::SLOW_CONSUMER {
-                sh.metrics.dropped(Drop::SlowConsumer);
+                sh.metrics.slow_consumer();
             }
             let _ = tokio::time::timeout(WRITE_TIMEOUT, tx.send(Message::close_with(code, why))).await;
             code
@@ -169,6 +174,10 @@ async fn run(ws: WebSocket, id: Identity, conn_id: uuid::Uuid, sh: Arc<Shared>) 
     leave(&sh, user, conn_id.as_u128());
     sh.metrics.connection_closed();
     info!(close_code = code, duration_ms = started.elapsed().as_millis() as u64, "disconnected");
+}
+
+fn slow_consumer() -> End {
+    End::Close(close::SLOW_CONSUMER, "slow consumer: outbound queue overflowed")
 }
 
 fn leave(sh: &Shared, user: &str, conn_id: u128) {
