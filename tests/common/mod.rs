@@ -818,3 +818,6 @@ pub fn read_all(mut r: impl Read) -> String {
     let _ = r.read_to_string(&mut s);
     s
 }
+
+/// Headless Chromium over the DevTools protocol (real-browser tests).
+pub mod browser;
