@@ -14,8 +14,11 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, Notify};
 use warp::ws::Message;
 
-/// How many recent message ids each user remembers to drop broker redeliveries.
-const RECENT_IDS: usize = 32;
+/// How many recent message ids each user remembers to drop redeliveries. A duplicate can
+/// arrive after everything the broker queued during a link outage (a publish retransmitted
+/// by the sending instance after its own reconnect), so the window is wide; it is allocated
+/// only for users that receive messages, 8 bytes an id.
+const RECENT_IDS: usize = 1024;
 
 /// Result of [`Hub::add`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,7 +131,7 @@ pub struct ConnRef {
 #[derive(Debug, Default)]
 struct UserEntry {
     conns: Vec<ConnRef>,
-    recent: VecDeque<u128>,
+    recent: VecDeque<u64>,
 }
 
 /// Counts of one fan-out.
@@ -143,7 +146,7 @@ pub struct Fanned {
 struct Inner {
     users: HashMap<String, UserEntry>,
     connections: usize,
-    broadcast_recent: VecDeque<u128>,
+    broadcast_recent: VecDeque<u64>,
 }
 
 /// User id → local connections.
@@ -152,8 +155,9 @@ pub struct Hub {
     inner: Mutex<Inner>,
 }
 
-fn seen(recent: &mut VecDeque<u128>, id: Option<u128>) -> bool {
-    let Some(id) = id else { return false };
+fn seen(recent: &mut VecDeque<u64>, id: Option<u128>) -> bool {
+    // The low 64 bits of a v4 uuid hold 62 random bits: plenty to tell 1024 ids apart.
+    let Some(id) = id.map(|id| id as u64) else { return false };
     if recent.contains(&id) {
         return true;
     }
@@ -180,18 +184,7 @@ impl Hub {
     }
 
     pub fn add(&self, user: &str, conn: ConnRef) -> Added {
-        let mut g = self.inner.lock();
-        g.connections += 1;
-        match g.users.get_mut(user) {
-            Some(e) => {
-                e.conns.push(conn);
-                Added::Again
-            }
-            None => {
-                g.users.insert(user.to_string(), UserEntry { conns: vec![conn], recent: VecDeque::new() });
-                Added::First
-            }
-        }
+        self.add_with(user, conn, || {})
     }
 
     /// `f` runs under the hub lock when the removal makes the user's last connection go, so
@@ -318,6 +311,19 @@ mod tests {
         assert_eq!(rb.recv().await.unwrap(), m);
         assert_eq!(hub.broadcast(Some(1), &m).delivered, 2);
         assert!(hub.broadcast(Some(1), &m).duplicate);
+    }
+
+    #[tokio::test]
+    async fn duplicate_after_an_outage_backlog_is_still_dropped() {
+        let hub = Hub::new();
+        let (a, _ra) = conn(1, usize::MAX);
+        hub.add("carol", a);
+        let m = Message::text("x");
+        assert!(!hub.deliver("carol", Some(u128::MAX), &m).unwrap().duplicate);
+        for i in 0..1000u128 {
+            hub.deliver("carol", Some(i), &m);
+        }
+        assert!(hub.deliver("carol", Some(u128::MAX), &m).unwrap().duplicate);
     }
 
     #[test]

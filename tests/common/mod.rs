@@ -220,6 +220,16 @@ impl Mosquitto {
     }
 
     /// `mosquitto_pub -q 1 -m <text>`.
+    /// Reads one `$SYS` value (e.g. `broker/subscriptions/count`), waiting up to 3 s for it.
+    pub fn sys_value(&self, path: &str) -> Option<f64> {
+        let out = Command::new(find_program("mosquitto_sub"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-C", "1", "-W", "3", "-t"])
+            .arg(format!("$SYS/{path}"))
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    }
+
     pub fn publish_text(&self, topic: &str, text: &str) {
         mosquitto_pub(self.port, topic, PubPayload::Text(text));
     }
@@ -404,6 +414,33 @@ impl Instance {
     /// Everything the process printed so far.
     pub fn output(&self) -> String {
         fs::read_to_string(self.dir.path().join("fanout.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory of the process in KiB (VmRSS).
+    pub fn rss_kib(&self) -> u64 {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Sends SIGTERM and waits (at most `timeout`) for the exit status; `None` on timeout.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill").arg("-TERM").arg(self.pid().to_string()).status();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
     }
 
     /// The MQTT client id this instance uses.
@@ -821,3 +858,4 @@ pub fn read_all(mut r: impl Read) -> String {
 
 /// Headless Chromium over the DevTools protocol (real-browser tests).
 pub mod browser;
+pub mod proxy;
