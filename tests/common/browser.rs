@@ -164,7 +164,12 @@ impl Drop for Browser {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             // The child leads its own process group (process_group(0)): end the whole group.
-            let _ = Command::new("kill").arg("-KILL").arg(format!("-{}", c.id())).status();
+            // `--` is essential: procps `kill -KILL -<pgid>` parses `-<pgid>` as an option and
+            // signals -1, i.e. every process of the user.
+            let pgid = c.id();
+            if pgid > 1 {
+                let _ = Command::new("kill").arg("-KILL").arg("--").arg(format!("-{pgid}")).status();
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
