@@ -42,7 +42,13 @@ http_status() {
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A process that exited but was not reaped yet (a zombie) counts as gone.
+pid_running() {
+  local st
+  st="$(sed -E 's/^.*\) ([A-Za-z]).*$/\1/' "/proc/$1/stat" 2>/dev/null)" || return 1
+  [ -n "$st" ] && [ "$st" != "Z" ] && [ "$st" != "X" ]
+}
+alive() { [ -f "$1" ] && pid_running "$(cat "$1")"; }
 
 find_bin() {
   local name="$1" d
@@ -221,13 +227,14 @@ stop_pid_file() { # <pid file> <seconds to wait after SIGTERM>
   local f="$1" secs="$2" pid i
   [ -f "$f" ] || return 0
   pid="$(cat "$f")"
-  if kill -0 "$pid" 2>/dev/null; then
+  [[ "$pid" =~ ^[0-9]+$ ]] && [ "$pid" -gt 1 ] || { rm -f "$f"; return 0; }
+  if pid_running "$pid"; then
     kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < secs * 10; i++)); do
-      kill -0 "$pid" 2>/dev/null || break
-      sleep 0.1
+    for ((i = 0; i < secs * 20; i++)); do
+      pid_running "$pid" || break
+      sleep 0.05
     done
-    if kill -0 "$pid" 2>/dev/null; then
+    if pid_running "$pid"; then
       say "pid $pid ($(basename "$f" .pid)) ignored SIGTERM for ${secs}s: SIGKILL"
       kill -KILL "$pid" 2>/dev/null || true
     fi

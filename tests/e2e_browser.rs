@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::browser::Browser;
+use common::stack::Stack;
 use common::*;
 use serde_json::json;
 
@@ -27,34 +28,23 @@ fn open_socket_js(url: &str, token: &str) -> String {
     )
 }
 
-/// The `sub` claim of a JWT (no verification).
-fn jwt_sub(token: &str) -> String {
-    use base64::Engine;
-    let part = token.split('.').nth(1).unwrap_or_default();
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(part).unwrap_or_default();
-    serde_json::from_slice::<serde_json::Value>(&bytes)
-        .map(|v| v["sub"].as_str().unwrap_or_default().to_string())
-        .unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tutorial_client_code_in_chromium_chats_between_two_pages() {
-    let m = Mosquitto::start();
-    let (inst, browser) = tokio::join!(Instance::start(InstanceOpts::broker(&m)), Browser::launch());
-    let origin = format!("http://127.0.0.1:{}", inst.port);
-    let ws_url = format!("ws://127.0.0.1:{}/entrypoint", inst.port);
+async fn tutorial_client_code_in_chromium_chats_between_two_pages_through_nginx() {
+    let (stack, browser) = tokio::join!(async { Stack::up(2) }, Browser::launch());
+    // Pages of the service's origin, served through nginx like the WebSocket itself.
+    let origin = format!("http://127.0.0.1:{}", stack.port);
+    let ws_url = stack.ws_url();
     let (alice, bob) = (unique("alice-"), unique("bob-"));
+    let (ta, tb) = (token(SECRET, &alice, 3600, None), token(SECRET, &bob, 3600, None));
 
     let mut pa = browser.new_page(&format!("{origin}/healthz")).await;
     let mut pb = browser.new_page(&format!("{origin}/healthz")).await;
-    let proto_a = pa.eval(&open_socket_js(&ws_url, &inst.token(&alice))).await;
-    let proto_b = pb.eval(&open_socket_js(&ws_url, &inst.token(&bob))).await;
+    let proto_a = pa.eval(&open_socket_js(&ws_url, &ta)).await;
+    let proto_b = pb.eval(&open_socket_js(&ws_url, &tb)).await;
     // `ws.protocol` is what the server echoed; the browser opened the socket only because it
-    // is one of the offered values.
-    for (who, proto) in [(&alice, &proto_a), (&bob, &proto_b)] {
-        let p = proto.as_str().unwrap_or_default();
-        assert!(p.split('.').count() == 3 && jwt_sub(p) == *who, "{who}: echoed subprotocol {proto}");
-    }
+    // is the offered value.
+    assert_eq!(proto_a, json!(ta), "alice's echoed subprotocol");
+    assert_eq!(proto_b, json!(tb), "bob's echoed subprotocol");
 
     // Both pages see `connected` (the subscription is confirmed) before anyone sends.
     for p in [&mut pa, &mut pb] {
@@ -65,6 +55,7 @@ async fn tutorial_client_code_in_chromium_chats_between_two_pages() {
             p.console
         );
     }
+    // The seed tutorial's send, verbatim apart from the recipient.
     pa.eval(&format!(
         "ws.send(JSON.stringify({{event: 'send_chat_message_to_participant', data: {{message: 'test', participantId: {}}}}})); true",
         json!(bob)
@@ -80,10 +71,33 @@ async fn tutorial_client_code_in_chromium_chats_between_two_pages() {
         pb.eval("window.frames_in.find(f => JSON.parse(f).event === 'chat_message')").await.as_str().unwrap(),
     )
     .unwrap();
-    assert_eq!(got["data"]["message"], json!("test"));
-    assert_eq!(got["data"]["from"], json!(alice));
-    assert_eq!(got["data"]["to"], json!(bob));
-    let shot = std::env::temp_dir().join("fanout-e2e-browser.png");
+    assert_eq!(got["data"]["message"], json!("test"), "{got}");
+    assert_eq!(got["data"]["from"], json!(alice), "{got}");
+    assert_eq!(got["data"]["to"], json!(bob), "{got}");
+    assert!(
+        pa.wait_until("window.frames_in.some(f => JSON.parse(f).event === 'ack')", Duration::from_secs(10)).await,
+        "alice's page got no ack: {}",
+        pa.eval("JSON.stringify(window.frames_in)").await
+    );
+    let shot = stack.dir().join("bob-page.png");
     pb.screenshot(&shot).await;
     assert!(std::fs::metadata(&shot).map(|m| m.len() > 100).unwrap_or(false));
+
+    // Control: the browser really enforces the echo. Offer a subprotocol the server does not
+    // take (the token travels in ?token= instead): the server upgrades without echoing one,
+    // and Chromium must abort the handshake, which a non-browser client would not notice.
+    let mut pc = browser.new_page(&format!("{origin}/healthz")).await;
+    let outcome = pc
+        .eval(&format!(
+            r#"new Promise((resolve) => {{
+                const ws = new WebSocket({url} + '?token=' + {tok}, 'chat');
+                ws.onopen = () => resolve('open');
+                ws.onclose = (e) => resolve('closed ' + e.code);
+                setTimeout(() => resolve('timeout'), 10000);
+            }})"#,
+            url = json!(ws_url),
+            tok = json!(ta)
+        ))
+        .await;
+    assert_eq!(outcome, json!("closed 1006"), "a 101 without the offered subprotocol must fail in a browser");
 }

@@ -859,3 +859,5 @@ pub fn read_all(mut r: impl Read) -> String {
 /// Headless Chromium over the DevTools protocol (real-browser tests).
 pub mod browser;
 pub mod proxy;
+/// The native stack (scripts/stack.sh) on free ports, for end-to-end tests.
+pub mod stack;

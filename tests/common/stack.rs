@@ -1,0 +1,149 @@
+//! The native stack (`scripts/stack.sh`: Mosquitto + nginx + N instances, from the project's
+//! own config files) on free loopback ports, for end-to-end tests. `stack.sh down` on drop.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use tempfile::TempDir;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+
+use super::{free_port, http_get, parse_metric, Client, RECV_TIMEOUT, SECRET};
+
+pub struct Stack {
+    dir: TempDir,
+    /// nginx: the address clients use.
+    pub port: u16,
+    pub mqtt_port: u16,
+    /// (instance id, port) for every instance, in order (`n1`, `n2`, …).
+    pub instances: Vec<(String, u16)>,
+}
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/stack.sh")
+}
+
+impl Stack {
+    /// `scripts/stack.sh up n` with the test binary, the tests' JWT secret and free ports
+    /// (retried with new ports if one was taken meanwhile).
+    pub fn up(n: usize) -> Stack {
+        let mut last = String::new();
+        for _attempt in 0..3 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let port = free_port();
+            let mqtt_port = free_port();
+            let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+            let list = ports.iter().map(u16::to_string).collect::<Vec<_>>().join(" ");
+            let out = Command::new("bash")
+                .arg(script())
+                .arg("up")
+                .arg(n.to_string())
+                .env("STACK_DIR", dir.path())
+                .env("STACK_PORT", port.to_string())
+                .env("STACK_MQTT_PORT", mqtt_port.to_string())
+                .env("STACK_INSTANCE_PORTS", &list)
+                .env("STACK_JWT_SECRET", SECRET)
+                .env("FANOUT_BIN", env!("CARGO_BIN_EXE_fanout"))
+                .output()
+                .expect("run scripts/stack.sh");
+            let instances = (0..n).map(|i| (format!("n{}", i + 1), ports[i])).collect();
+            let stack = Stack { dir, port, mqtt_port, instances };
+            if out.status.success() {
+                return stack;
+            }
+            last = format!(
+                "{}{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                stack.logs()
+            );
+            drop(stack);
+        }
+        panic!("scripts/stack.sh up {n} failed three times; last output:\n{last}");
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Every log file of the stack, concatenated (for failure messages).
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        if let Ok(rd) = std::fs::read_dir(self.dir.path()) {
+            let mut files: Vec<_> = rd.flatten().map(|e| e.path()).collect();
+            files.sort();
+            for p in files.into_iter().filter(|p| p.extension().is_some_and(|e| e == "log")) {
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(60).collect();
+                s.push_str(&format!("---- {} (last {} lines) ----\n", p.display(), tail.len()));
+                for l in tail.into_iter().rev() {
+                    s.push_str(l);
+                    s.push('\n');
+                }
+            }
+        }
+        s
+    }
+
+    /// The stack's Mosquitto log (subscribe/unsubscribe lines included).
+    pub fn mosquitto_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}/entrypoint", self.port)
+    }
+
+    /// Connects through nginx with the token as subprotocol and waits for `connected`.
+    pub async fn connect(&self, token: &str) -> Client {
+        let mut req = self.ws_url().into_client_request().unwrap();
+        req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_str(token).unwrap());
+        let (ws, resp) = tokio::time::timeout(RECV_TIMEOUT, tokio_tungstenite::connect_async(req))
+            .await
+            .expect("handshake through nginx timed out")
+            .unwrap_or_else(|e| panic!("handshake through nginx failed: {e}\n{}", self.logs()));
+        let protocol = resp.headers().get("sec-websocket-protocol").map(|v| v.to_str().unwrap_or_default().to_string());
+        assert_eq!(protocol.as_deref(), Some(token), "nginx/fanout must echo the subprotocol");
+        let mut c = Client { ws, protocol, connected: serde_json::Value::Null };
+        c.connected = c.expect_event("connected").await;
+        c
+    }
+
+    /// One metric sample from every instance (missing = 0), in instance order.
+    pub async fn metric_per_instance(&self, series: &str) -> Vec<f64> {
+        let mut v = Vec::new();
+        for (id, port) in &self.instances {
+            let r = http_get(*port, "/metrics").await.unwrap_or_else(|e| panic!("GET /metrics of {id}: {e}"));
+            v.push(parse_metric(&r.body, series).unwrap_or(0.0));
+        }
+        v
+    }
+
+    /// Polls until the per-instance values of `series` satisfy `pred`; returns the last ones.
+    pub async fn wait_metrics(&self, series: &str, pred: impl Fn(&[f64]) -> bool, timeout: Duration) -> Vec<f64> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let v = self.metric_per_instance(series).await;
+            if pred(&v) || tokio::time::Instant::now() > deadline {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- stack logs ({}) ----\n{}", self.dir.path().display(), self.logs());
+        }
+        let _ = Command::new("bash")
+            .arg(script())
+            .arg("down")
+            .env("STACK_DIR", self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .status();
+    }
+}

@@ -1,0 +1,188 @@
+//! End to end through the native stack (scripts/stack.sh: a real nginx from nginx/nginx.conf,
+//! Mosquitto from mosquitto/mosquitto.conf, 5 instances): 50 users with 1–3 connections each,
+//! every user sends to random others. Every message reaches every connection of its recipient
+//! exactly once, and the instances together receive from the broker exactly one copy per
+//! (message, instance holding the recipient): no instance gets traffic for users it does not
+//! hold.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use common::stack::Stack;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+const INSTANCES: usize = 5;
+const USERS: usize = 50;
+const MESSAGES_PER_USER: usize = 4;
+const MQTT_IN: &str = "fanout_messages_in_total{source=\"mqtt\"}";
+
+struct Conn {
+    user: usize,
+    instance: String,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_users_through_nginx_each_message_once_per_connection_and_per_holding_instance() {
+    let started = std::time::Instant::now();
+    let stack = Stack::up(INSTANCES);
+    let seed: u64 = std::env::var("E2E_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| now_millis());
+    eprintln!("e2e seed {seed} (set E2E_SEED to replay)");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let user_name = |u: usize| format!("user{u:02}");
+
+    // Connect everyone through nginx: 1–3 sockets per user.
+    let mut conns: Vec<Conn> = Vec::new();
+    let mut sinks = Vec::new();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Value)>();
+    let mut user_conns: Vec<Vec<usize>> = vec![Vec::new(); USERS];
+    for u in 0..USERS {
+        let k = rng.random_range(1..=3);
+        for _ in 0..k {
+            let c = stack.connect(&token(SECRET, &user_name(u), 3600, None)).await;
+            assert_eq!(c.connected["userId"], json!(user_name(u)));
+            let idx = conns.len();
+            conns.push(Conn { user: u, instance: c.connected["instanceId"].as_str().unwrap().to_string() });
+            user_conns[u].push(idx);
+            let (sink, mut stream) = c.ws.split();
+            sinks.push(sink);
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while let Some(Ok(m)) = stream.next().await {
+                    if let Message::Text(t) = m {
+                        let v: Value = serde_json::from_str(&t).unwrap_or_else(|e| panic!("not JSON ({e}): {t}"));
+                        if tx.send((idx, v)).is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    }
+    drop(tx);
+    let mut per_instance: BTreeMap<&str, usize> = BTreeMap::new();
+    for c in &conns {
+        *per_instance.entry(c.instance.as_str()).or_default() += 1;
+    }
+    eprintln!("{} connections of {USERS} users; per instance: {per_instance:?}", conns.len());
+    assert_eq!(
+        per_instance.len(),
+        INSTANCES,
+        "nginx must spread sockets over all {INSTANCES} instances: {per_instance:?}"
+    );
+    let users_on_several = (0..USERS)
+        .filter(|&u| user_conns[u].iter().map(|&i| &conns[i].instance).collect::<BTreeSet<_>>().len() > 1)
+        .count();
+    eprintln!("{users_on_several} users have sockets on more than one instance");
+
+    // Every user sends MESSAGES_PER_USER messages to random other users, from a random socket.
+    let mut expected: HashMap<String, usize> = HashMap::new(); // clientMessageId -> recipient user
+    let mut sender_conn: HashMap<String, usize> = HashMap::new();
+    for u in 0..USERS {
+        for i in 0..MESSAGES_PER_USER {
+            let mut to = rng.random_range(0..USERS - 1);
+            if to >= u {
+                to += 1;
+            }
+            let cmid = format!("{}-{i}", user_name(u));
+            let from_conn = user_conns[u][rng.random_range(0..user_conns[u].len())];
+            let frame = json!({"event": "send_chat_message_to_participant",
+                "data": {"participantId": user_name(to), "message": {"n": i, "text": format!("{cmid} to {}", user_name(to))}, "clientMessageId": cmid}});
+            sinks[from_conn].send(Message::text(frame.to_string())).await.expect("send");
+            expected.insert(cmid.clone(), to);
+            sender_conn.insert(cmid, from_conn);
+        }
+    }
+    let total_messages = expected.len();
+    let expected_deliveries: usize = expected.values().map(|&to| user_conns[to].len()).sum();
+    let expected_pairs: usize = expected
+        .values()
+        .map(|&to| user_conns[to].iter().map(|&i| &conns[i].instance).collect::<BTreeSet<_>>().len())
+        .sum();
+
+    // Collect until every delivery and every ack arrived.
+    let mut got: Vec<Vec<String>> = vec![Vec::new(); conns.len()];
+    let mut acks: HashMap<String, (usize, String)> = HashMap::new();
+    let mut ids: HashMap<String, String> = HashMap::new(); // cmid -> message id seen by recipients
+    let (mut deliveries, deadline) = (0usize, tokio::time::Instant::now() + Duration::from_secs(60));
+    while deliveries < expected_deliveries || acks.len() < total_messages {
+        let Ok(Some((idx, v))) = tokio::time::timeout_at(deadline, rx.recv()).await else {
+            panic!("stalled: {deliveries}/{expected_deliveries} deliveries, {}/{total_messages} acks", acks.len());
+        };
+        let data = &v["data"];
+        match v["event"].as_str() {
+            Some("chat_message") => {
+                let cmid = data["clientMessageId"].as_str().unwrap_or_else(|| panic!("no clientMessageId: {v}"));
+                let to = *expected.get(cmid).unwrap_or_else(|| panic!("unknown message {v}"));
+                assert_eq!(
+                    conns[idx].user,
+                    to,
+                    "connection of {} got a message for {}: {v}",
+                    user_name(conns[idx].user),
+                    user_name(to)
+                );
+                assert_eq!(data["to"], json!(user_name(to)), "{v}");
+                assert_eq!(data["from"].as_str(), cmid.rsplit_once('-').map(|(f, _)| f), "{v}");
+                let id = data["id"].as_str().unwrap().to_string();
+                let prev = ids.entry(cmid.to_string()).or_insert_with(|| id.clone());
+                assert_eq!(*prev, id, "one message, one id: {v}");
+                got[idx].push(cmid.to_string());
+                deliveries += 1;
+            }
+            Some("ack") => {
+                let cmid = data["clientMessageId"].as_str().unwrap().to_string();
+                assert_eq!(sender_conn.get(&cmid), Some(&idx), "ack on the wrong socket: {v}");
+                assert!(
+                    acks.insert(cmid, (idx, data["id"].as_str().unwrap().to_string())).is_none(),
+                    "second ack: {v}"
+                );
+            }
+            _ => panic!("unexpected frame on connection {idx}: {v}"),
+        }
+    }
+    eprintln!(
+        "{total_messages} messages, {deliveries} deliveries, {expected_pairs} (message, holding instance) pairs, after {:?}",
+        started.elapsed()
+    );
+
+    // The broker side: exactly one MQTT message per (message, instance holding the recipient).
+    let mqtt_in =
+        stack.wait_metrics(MQTT_IN, |v| v.iter().sum::<f64>() >= expected_pairs as f64, Duration::from_secs(10)).await;
+    let ws_in = stack.metric_per_instance("fanout_messages_in_total{source=\"ws\"}").await;
+    eprintln!("{MQTT_IN} per instance: {mqtt_in:?}; ws in: {ws_in:?}");
+
+    // Nothing more arrives: no duplicate, no stray message (a bounded look for absence).
+    if let Ok(Some((idx, v))) = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {
+        panic!("extra frame on connection {idx} after everything arrived: {v}");
+    }
+    for (idx, list) in got.iter().enumerate() {
+        let mut want: Vec<String> =
+            expected.iter().filter(|(_, &to)| to == conns[idx].user).map(|(c, _)| c.clone()).collect();
+        let mut have = list.clone();
+        want.sort();
+        have.sort();
+        assert_eq!(have, want, "connection {idx} of {} on {}", user_name(conns[idx].user), conns[idx].instance);
+    }
+    for (cmid, (_, id)) in &acks {
+        assert_eq!(Some(id), ids.get(cmid), "ack id of {cmid} must be the delivered message id");
+    }
+    let mqtt_after = stack.metric_per_instance(MQTT_IN).await;
+    assert_eq!(
+        mqtt_after.iter().sum::<f64>(),
+        expected_pairs as f64,
+        "sum of {MQTT_IN} over instances {mqtt_after:?} must equal the (message, recipient instance) pairs"
+    );
+    // Per instance, too: each instance received exactly the messages for users it holds.
+    for (i, (id, _)) in stack.instances.iter().enumerate() {
+        let want = expected.values().filter(|&&to| user_conns[to].iter().any(|&c| conns[c].instance == *id)).count();
+        assert_eq!(mqtt_after[i], want as f64, "instance {id}: {MQTT_IN}");
+    }
+    assert_eq!(ws_in.iter().sum::<f64>(), total_messages as f64, "ws in over instances");
+    eprintln!("done in {:?}", started.elapsed());
+}
