@@ -35,9 +35,9 @@ use rumqttc::{
     Packet, Publish, QoS, Request, Subscribe, SubscribeFilter, SubscribeReasonCode, Unsubscribe,
 };
 use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use warp::ws::Message;
 
 use crate::config::{BrokerTarget, Config};
 use crate::hub::Hub;
@@ -271,9 +271,10 @@ impl Bus {
     fn route(&self, p: Publish) {
         self.metrics.mqtt_message_in();
         let id = wire::envelope_id(&p.payload);
-        let msg = match std::str::from_utf8(&p.payload) {
-            Ok(s) => Message::text(s),
-            Err(_) => Message::binary(p.payload),
+        // Forwarded byte for byte: no copy, no re-serialisation.
+        let msg = match Utf8Bytes::try_from(p.payload.clone()) {
+            Ok(text) => Message::Text(text),
+            Err(_) => Message::Binary(p.payload),
         };
         let fanned = if p.topic == self.broadcast_topic {
             self.hub.broadcast(id, &msg)

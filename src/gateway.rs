@@ -5,10 +5,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use http::{HeaderMap, StatusCode};
+use hyper::upgrade::OnUpgrade;
 use tokio_util::task::TaskTracker;
 use warp::filters::path::FullPath;
 use warp::reply::Response;
-use warp::{Filter, Rejection, Reply};
+use warp::{Filter, Rejection};
 
 use crate::auth::{AuthError, Verifier};
 use crate::limits::{ConnLimiter, LimitError};
@@ -61,6 +62,29 @@ pub fn find_token(headers: &HeaderMap, query: &str) -> Option<FoundToken> {
     scheme.eq_ignore_ascii_case("bearer").then(|| FoundToken { token: token.trim().to_string(), echo: None })
 }
 
+/// The `Sec-WebSocket-Accept` value for a valid WebSocket upgrade request (RFC 6455 §4.2.1),
+/// or `None` when the request is not one. The upgrade is done here rather than with warp's
+/// `ws()` filter so that the socket gets [`crate::session::ws_config`]: warp's builder cannot
+/// shrink tungstenite's 128 KiB read buffer, which dominated memory per idle connection.
+pub fn websocket_accept(headers: &HeaderMap) -> Option<String> {
+    let has = |name: http::header::HeaderName, token: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    if !has(http::header::CONNECTION, "upgrade") || !has(http::header::UPGRADE, "websocket") {
+        return None;
+    }
+    if headers.get(http::header::SEC_WEBSOCKET_VERSION)?.as_bytes() != b"13" {
+        return None;
+    }
+    let key = headers.get(http::header::SEC_WEBSOCKET_KEY)?;
+    Some(tungstenite::handshake::derive_accept_key(key.as_bytes()))
+}
+
 fn json_response(status: StatusCode, body: serde_json::Value) -> Response {
     let mut r = Response::new(body.to_string().into());
     *r.status_mut() = status;
@@ -76,7 +100,7 @@ fn unauthorized(e: &AuthError) -> Response {
 }
 
 impl Gateway {
-    fn upgrade(self: &Arc<Self>, headers: HeaderMap, query: String, ws: Option<warp::ws::Ws>) -> Response {
+    fn upgrade(self: &Arc<Self>, headers: HeaderMap, query: String, on_upgrade: Option<OnUpgrade>) -> Response {
         let m = &self.shared.metrics;
         if self.draining.load(Ordering::Acquire) {
             return json_response(
@@ -97,7 +121,7 @@ impl Gateway {
                 return unauthorized(&e);
             }
         };
-        let Some(ws) = ws else {
+        let (Some(accept), Some(on_upgrade)) = (websocket_accept(&headers), on_upgrade) else {
             return json_response(
                 StatusCode::UPGRADE_REQUIRED,
                 serde_json::json!({"error": "upgrade_required", "message": "this endpoint speaks WebSocket only"}),
@@ -114,17 +138,21 @@ impl Gateway {
                 return json_response(status, serde_json::json!({"error": code, "message": e.to_string()}));
             }
         };
-        let max = self.shared.cfg.max_message_bytes;
         let shared = self.shared.clone();
         let tracker = self.sessions.clone();
-        // The permit lives as long as the session (or until warp drops an upgrade that failed).
-        let reply = ws.max_message_size(max).max_frame_size(max).on_upgrade(move |socket| {
-            tracker.track_future(async move {
-                session::serve(socket, id, shared).await;
-                drop(permit);
-            })
-        });
-        let mut resp = reply.into_response();
+        // The permit lives as long as the session (or until the upgrade fails).
+        tokio::spawn(tracker.track_future(async move {
+            session::serve(on_upgrade, id, shared).await;
+            drop(permit);
+        }));
+        let mut resp = Response::new(String::new().into());
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = resp.headers_mut();
+        h.insert(http::header::CONNECTION, http::HeaderValue::from_static("upgrade"));
+        h.insert(http::header::UPGRADE, http::HeaderValue::from_static("websocket"));
+        if let Ok(v) = http::HeaderValue::from_str(&accept) {
+            h.insert(http::header::SEC_WEBSOCKET_ACCEPT, v);
+        }
         if let Some(echo) = found.and_then(|f| f.echo) {
             if let Ok(v) = http::HeaderValue::from_str(&echo) {
                 resp.headers_mut().insert(http::header::SEC_WEBSOCKET_PROTOCOL, v);
@@ -183,8 +211,8 @@ impl Gateway {
             .untuple_one()
             .and(warp::header::headers_cloned())
             .and(warp::query::raw().or(warp::any().map(String::new)).unify())
-            .and(warp::ws().map(Some).or(warp::any().map(|| None)).unify())
-            .map(move |h: HeaderMap, q: String, ws: Option<warp::ws::Ws>| g.upgrade(h, q, ws));
+            .and(warp::ext::optional::<OnUpgrade>())
+            .map(move |h: HeaderMap, q: String, up: Option<OnUpgrade>| g.upgrade(h, q, up));
         let healthz = warp::get()
             .and(warp::path("healthz"))
             .and(warp::path::end())

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, Notify};
-use warp::ws::Message;
+use tokio_tungstenite::tungstenite::Message;
 
 /// How many recent message ids each user remembers to drop redeliveries. A duplicate can
 /// arrive after everything the broker queued during a link outage (a publish retransmitted
@@ -84,7 +84,7 @@ impl Outbox {
         if self.overflowed.load(Ordering::Relaxed) {
             return Push::Overflow;
         }
-        let len = msg.as_bytes().len();
+        let len = msg.len();
         let before = self.queued.fetch_add(len, Ordering::AcqRel);
         if before + len > self.limit && before > 0 {
             self.queued.fetch_sub(len, Ordering::AcqRel);
@@ -107,7 +107,7 @@ impl Outbox {
 
     /// Call after taking a frame out of the queue.
     pub fn taken(&self, msg: &Message) {
-        self.queued.fetch_sub(msg.as_bytes().len(), Ordering::AcqRel);
+        self.queued.fetch_sub(msg.len(), Ordering::AcqRel);
     }
 
     pub fn queued_bytes(&self) -> usize {

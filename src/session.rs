@@ -8,9 +8,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, Instrument};
-use warp::ws::{Message, WebSocket};
 
 use crate::auth::{unix_millis, unix_now, Identity};
 use crate::bus::Bus;
@@ -67,15 +72,45 @@ enum End {
     Gone,
 }
 
-/// Serves one upgraded socket for `id` until it closes.
-pub async fn serve(ws: WebSocket, id: Identity, sh: Arc<Shared>) {
+/// WebSocket settings of every session: small buffers (tungstenite's 128 KiB read buffer
+/// per socket would dominate memory per idle connection), inbound size limits, and frames
+/// written as soon as they are sent (each send is flushed anyway).
+pub fn ws_config(cfg: &Config) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
+        .max_message_size(Some(cfg.max_message_bytes))
+        .max_frame_size(Some(cfg.max_message_bytes))
+}
+
+/// Initial read buffer of a socket; it grows for larger frames.
+const READ_BUFFER: usize = 4096;
+
+/// Completes the upgrade, then serves the socket for `id` until it closes.
+pub async fn serve(on_upgrade: OnUpgrade, id: Identity, sh: Arc<Shared>) {
     let conn_id = uuid::Uuid::new_v4();
     let span =
         tracing::info_span!("conn", user_id = %id.user_id, conn_id = %conn_id, instance_id = %sh.cfg.instance_id);
-    run(ws, id, conn_id, sh).instrument(span).await
+    async move {
+        let upgraded = match tokio::time::timeout(WRITE_TIMEOUT, on_upgrade).await {
+            Ok(Ok(u)) => u,
+            Ok(Err(e)) => return debug!(error = %e, "upgrade failed"),
+            Err(_) => return debug!("upgrade timed out"),
+        };
+        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config(&sh.cfg))).await;
+        run(ws, id, conn_id, sh).await
+    }
+    .instrument(span)
+    .await
 }
 
-async fn run(ws: WebSocket, id: Identity, conn_id: uuid::Uuid, sh: Arc<Shared>) {
+type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+fn close_frame(code: u16, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame { code: CloseCode::from(code), reason: reason.into() }))
+}
+
+async fn run(ws: Socket, id: Identity, conn_id: uuid::Uuid, sh: Arc<Shared>) {
     let started = Instant::now();
     let (mut tx, mut rx) = ws.split();
     let (outbox, mut outbox_rx) = Outbox::new(sh.cfg.send_queue_bytes);
@@ -100,7 +135,7 @@ async fn run(ws: WebSocket, id: Identity, conn_id: uuid::Uuid, sh: Arc<Shared>) 
             (close::TRY_AGAIN_LATER, "broker unavailable, try again later")
         };
         info!(first = added == Added::First, code, "refused: subscription not confirmed");
-        let _ = tokio::time::timeout(WRITE_TIMEOUT, tx.send(Message::close_with(code, why))).await;
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, tx.send(close_frame(code, why))).await;
         leave(&sh, user, conn_id.as_u128());
         return;
     }
@@ -142,7 +177,7 @@ async fn run(ws: WebSocket, id: Identity, conn_id: uuid::Uuid, sh: Arc<Shared>) 
                 if last_heard.elapsed() > sh.cfg.idle_timeout {
                     Some(End::Close(close::GOING_AWAY, "idle timeout"))
                 } else {
-                    send(&mut tx, Message::ping(Bytes::new())).await.err().map(|()| End::Gone)
+                    send(&mut tx, Message::Ping(Bytes::new())).await.err().map(|()| End::Gone)
                 }
             }
             m = rx.next() => {
@@ -166,7 +201,7 @@ async fn run(ws: WebSocket, id: Identity, conn_id: uuid::Uuid, sh: Arc<Shared>) 
             if code == close::SLOW_CONSUMER {
                 sh.metrics.slow_consumer();
             }
-            let _ = tokio::time::timeout(WRITE_TIMEOUT, tx.send(Message::close_with(code, why))).await;
+            let _ = tokio::time::timeout(WRITE_TIMEOUT, tx.send(close_frame(code, why))).await;
             code
         }
         _ => close::NORMAL,
@@ -187,7 +222,7 @@ fn leave(sh: &Shared, user: &str, conn_id: u128) {
 
 async fn send<S>(tx: &mut S, m: Message) -> Result<(), ()>
 where
-    S: futures_util::Sink<Message, Error = warp::Error> + Unpin,
+    S: futures_util::Sink<Message, Error = tungstenite::Error> + Unpin,
 {
     match tokio::time::timeout(WRITE_TIMEOUT, tx.send(m)).await {
         Ok(Ok(())) => Ok(()),
@@ -202,33 +237,21 @@ where
     }
 }
 
-fn is_too_big(e: &warp::Error) -> bool {
-    use std::error::Error;
-    let mut src: Option<&(dyn Error + 'static)> = e.source();
-    while let Some(s) = src {
-        if let Some(tungstenite::Error::Capacity(_)) = s.downcast_ref::<tungstenite::Error>() {
-            return true;
-        }
-        src = s.source();
-    }
-    false
+fn is_too_big(e: &tungstenite::Error) -> bool {
+    matches!(e, tungstenite::Error::Capacity(_))
 }
 
 async fn on_message<S>(sh: &Shared, id: &Identity, limiter: &mut RateLimiter, tx: &mut S, m: Message) -> Option<End>
 where
-    S: futures_util::Sink<Message, Error = warp::Error> + Unpin,
+    S: futures_util::Sink<Message, Error = tungstenite::Error> + Unpin,
 {
-    if m.is_close() {
-        return Some(End::Gone);
-    }
-    if m.is_ping() || m.is_pong() {
-        return None;
-    }
-    let reply = match m.to_str() {
-        Ok(text) => handle_text(sh, id, limiter, text).await,
-        Err(()) => {
+    let reply = match &m {
+        Message::Text(text) => handle_text(sh, id, limiter, text.as_str()).await,
+        Message::Binary(_) => {
             reject(sh, WireError::new(ErrorCode::BadJson, "binary frames are not accepted; send JSON text frames"))
         }
+        Message::Close(_) => return Some(End::Gone),
+        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return None,
     };
     send(tx, Message::text(reply)).await.err().map(|()| End::Gone)
 }
