@@ -8,11 +8,21 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ] \
-   || ! command -v mosquitto_pub >/dev/null 2>&1; then
-  echo "test.sh: installing mosquitto and mosquitto-clients"
+# What the tests run, as Debian packages: brokers (mosquitto, mosquitto_pub/_sub), the stack's
+# load balancer (nginx), a real browser (chromium, driven over the DevTools protocol) and
+# docker-compose (validates compose.yaml; no engine needed). One update, one install, and
+# only for what is missing.
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/usr/bin/$1" ]; }
+MISSING=()
+have mosquitto || MISSING+=(mosquitto)
+{ have mosquitto_pub && have mosquitto_sub; } || MISSING+=(mosquitto-clients)
+have nginx || MISSING+=(nginx)
+have chromium || MISSING+=(chromium)
+have docker-compose || MISSING+=(docker-compose)
+if [ ${#MISSING[@]} -gt 0 ]; then
+  echo "test.sh: installing ${MISSING[*]}"
   $SUDO apt-get update
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y mosquitto mosquitto-clients
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y "${MISSING[@]}"
 fi
 # Debian's package starts a system broker on port 1883; the tests never use it, and it would
 # only occupy the embedded broker's default port, so stop it if it is running.
