@@ -32,7 +32,7 @@ struct Conn {
 async fn fifty_users_through_nginx_each_message_once_per_connection_and_per_holding_instance() {
     let started = std::time::Instant::now();
     let stack = Stack::up(INSTANCES);
-    let seed: u64 = std::env::var("E2E_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| now_millis());
+    let seed: u64 = std::env::var("E2E_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(now_millis);
     eprintln!("e2e seed {seed} (set E2E_SEED to replay)");
     let mut rng = StdRng::seed_from_u64(seed);
     let user_name = |u: usize| format!("user{u:02}");
@@ -42,14 +42,14 @@ async fn fifty_users_through_nginx_each_message_once_per_connection_and_per_hold
     let mut sinks = Vec::new();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Value)>();
     let mut user_conns: Vec<Vec<usize>> = vec![Vec::new(); USERS];
-    for u in 0..USERS {
+    for (u, mine) in user_conns.iter_mut().enumerate() {
         let k = rng.random_range(1..=3);
         for _ in 0..k {
             let c = stack.connect(&token(SECRET, &user_name(u), 3600, None)).await;
             assert_eq!(c.connected["userId"], json!(user_name(u)));
             let idx = conns.len();
             conns.push(Conn { user: u, instance: c.connected["instanceId"].as_str().unwrap().to_string() });
-            user_conns[u].push(idx);
+            mine.push(idx);
             let (sink, mut stream) = c.ws.split();
             sinks.push(sink);
             let tx = tx.clone();
