@@ -186,3 +186,21 @@ async fn fifty_users_through_nginx_each_message_once_per_connection_and_per_hold
     assert_eq!(ws_in.iter().sum::<f64>(), total_messages as f64, "ws in over instances");
     eprintln!("done in {:?}", started.elapsed());
 }
+
+/// An idle socket through nginx outlives nginx's 75 s proxy timeouts and fanout's 60 s idle
+/// timeout: the service's 20 s pings (answered by the client) keep both sides busy. Takes
+/// ~80 s, so it is not part of the default run: `cargo test --release --test e2e_stack -- --ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "takes ~80 s; run with --ignored"]
+async fn idle_socket_through_nginx_survives_past_proxy_and_idle_timeouts() {
+    let stack = Stack::up(1);
+    let mut alice = stack.connect(&token(SECRET, "alice", 3600, None)).await;
+    // Reading answers the server's pings (tungstenite replies automatically); no data frame
+    // and no close may arrive meanwhile.
+    if let Some(m) = alice.recv_timeout(Duration::from_secs(80)).await {
+        panic!("idle socket got {m:?} before 80 s");
+    }
+    let mut bob = stack.connect(&token(SECRET, "bob", 3600, None)).await;
+    bob.chat_acked("alice", json!("still there?"), "idle-1").await;
+    assert_eq!(alice.expect_event("chat_message").await["message"], json!("still there?"));
+}
