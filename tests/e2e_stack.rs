@@ -204,3 +204,43 @@ async fn idle_socket_through_nginx_survives_past_proxy_and_idle_timeouts() {
     bob.chat_acked("alice", json!("still there?"), "idle-1").await;
     assert_eq!(alice.expect_event("chat_message").await["message"], json!("still there?"));
 }
+
+/// nginx's passive health and `proxy_next_upstream`: with one instance dead (SIGKILL), every
+/// new socket through nginx still connects — the refused connect is retried on another
+/// instance inside the same client handshake — and none is attributed to the dead one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_instance_is_skipped_by_nginx_without_failing_any_handshake() {
+    let stack = Stack::up(3);
+    let pid = std::fs::read_to_string(stack.dir().join("fanout-n2.pid")).expect("pid of n2").trim().to_string();
+    assert!(pid.parse::<u32>().is_ok_and(|p| p > 1), "pid file: {pid:?}");
+    let st = std::process::Command::new("kill").args(["-KILL", "--", &pid]).status().expect("kill");
+    assert!(st.success());
+    // Wait until n2's port refuses connections (the process is gone).
+    let n2_port = stack.instances[1].1;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", n2_port)).is_ok() {
+        assert!(std::time::Instant::now() < deadline, "n2 still accepts connections");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let mut clients = Vec::new();
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..12 {
+        let c = stack.connect(&token(SECRET, &format!("u{i}"), 3600, None)).await;
+        *seen.entry(c.connected["instanceId"].as_str().unwrap().to_string()).or_default() += 1;
+        clients.push(c);
+    }
+    assert!(!seen.contains_key("n2"), "a socket was attributed to the dead instance: {seen:?}");
+    assert_eq!(seen.values().sum::<usize>(), 12, "{seen:?}");
+    assert_eq!(seen.len(), 2, "the two live instances share the sockets: {seen:?}");
+    // nginx did try the dead instance and moved on (the retry path was exercised).
+    let errors = std::fs::read_to_string(stack.dir().join("nginx-error.log")).unwrap_or_default();
+    assert!(
+        errors.lines().any(|l| l.contains("Connection refused") && l.contains(&format!("127.0.0.1:{n2_port}"))),
+        "nginx never tried the dead instance; error log:\n{errors}"
+    );
+    // And they chat across the live instances.
+    let (first, rest) = clients.split_at_mut(1);
+    first[0].chat_acked("u11", json!("after a crash"), "dead-1").await;
+    assert_eq!(rest[10].expect_event("chat_message").await["message"], json!("after a crash"));
+}
