@@ -14,6 +14,9 @@ pub const LEEWAY_SECS: u64 = 5;
 pub const MAX_TOKEN_BYTES: usize = 8192;
 /// Longest user id, in bytes of UTF-8.
 pub const MAX_USER_ID_BYTES: usize = 256;
+/// Latest expiry taken from a token (9999-12-31T23:59:59Z); a later `exp` counts as this.
+/// A deadline near `u64::MAX` seconds would overflow the session's expiry timer.
+pub const MAX_EXPIRES_AT: u64 = 253_402_300_799;
 
 /// Why a token was refused. The `Display` text is what the 401 body says.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -67,7 +70,9 @@ struct MintClaims<'a> {
 }
 
 /// Checks a user id against the rules of spec §3: 1–256 bytes of UTF-8 without `/`, `+`,
-/// `#` or control characters, so that `prefix + id` is exactly one MQTT topic level.
+/// `#` or control characters, so that `prefix + id` is exactly one MQTT topic level. Unicode
+/// noncharacters are refused too: Mosquitto treats a topic holding one as malformed UTF-8 and
+/// drops the whole broker connection (MQTT 3.1.1 §1.5.3).
 pub fn check_user_id(id: &str) -> Result<(), &'static str> {
     if id.is_empty() {
         return Err("empty");
@@ -81,7 +86,16 @@ pub fn check_user_id(id: &str) -> Result<(), &'static str> {
     if id.chars().any(char::is_control) {
         return Err("contains a control character");
     }
+    if id.chars().any(is_noncharacter) {
+        return Err("contains a Unicode noncharacter (U+FDD0-U+FDEF or U+xxFFFE/U+xxFFFF)");
+    }
     Ok(())
+}
+
+/// U+FDD0..=U+FDEF and the last two code points of every plane.
+fn is_noncharacter(c: char) -> bool {
+    let c = c as u32;
+    (0xFDD0..=0xFDEF).contains(&c) || c & 0xFFFE == 0xFFFE
 }
 
 /// Verifies tokens for one configuration.
@@ -171,7 +185,7 @@ impl Verifier {
         let claims = data.claims;
         let expires_at = match claims.exp {
             Some(serde_json::Value::Number(n)) => {
-                n.as_u64().or_else(|| n.as_f64().map(|f| f as u64)).ok_or(AuthError::Malformed)?
+                n.as_u64().or_else(|| n.as_f64().map(|f| f as u64)).ok_or(AuthError::Malformed)?.min(MAX_EXPIRES_AT)
             }
             Some(_) => return Err(AuthError::Malformed),
             None => return Err(AuthError::MissingExp),
@@ -294,6 +308,21 @@ mod tests {
     }
 
     #[test]
+    fn far_future_exp_is_capped() {
+        let t = sign(json!({"sub":"a","exp":u64::MAX}));
+        assert_eq!(v().verify(&t).unwrap().expires_at, MAX_EXPIRES_AT);
+        let f = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &json!({"sub":"a","exp":1e19}),
+            &EncodingKey::from_secret(SECRET).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(v().verify(&f).unwrap().expires_at, MAX_EXPIRES_AT);
+        let t = sign(json!({"sub":"a","exp":MAX_EXPIRES_AT - 1}));
+        assert_eq!(v().verify(&t).unwrap().expires_at, MAX_EXPIRES_AT - 1);
+    }
+
+    #[test]
     fn leeway_is_seconds_not_a_minute() {
         let t = sign(json!({"sub":"a","exp":unix_now() - LEEWAY_SECS - 2}));
         assert_eq!(v().verify(&t), Err(AuthError::Expired));
@@ -307,6 +336,13 @@ mod tests {
         assert!(check_user_id(&"a".repeat(257)).is_err());
         for bad in ["", "a/b", "a+", "#", "\u{7f}", "\u{85}", "a\nb"] {
             assert!(check_user_id(bad).is_err(), "{bad:?}");
+        }
+        // Noncharacters: Mosquitto drops the connection that names them in a topic.
+        for bad in ["a\u{fdd0}", "\u{fdef}", "\u{fffe}", "a\u{ffff}b", "\u{1fffe}", "\u{10ffff}"] {
+            assert!(check_user_id(bad).is_err(), "{bad:?}");
+        }
+        for good in ["\u{fdcf}", "\u{fdf0}", "\u{fffd}", "\u{1fffd}", "\u{feff}", "a\u{2028}b"] {
+            assert!(check_user_id(good).is_ok(), "{good:?}");
         }
     }
 }

@@ -106,12 +106,22 @@ fn bad_json(msg: impl Into<String>) -> WireError {
     WireError::new(ErrorCode::BadJson, msg)
 }
 
+/// True when the JSON text is an object. serde's derived structs also accept the positional
+/// (list) form, so `["ping"]` would otherwise decode like `{"event":"ping"}`.
+fn is_object(json: &str) -> bool {
+    json.trim_start_matches([' ', '\t', '\n', '\r']).starts_with('{')
+}
+
 /// Decodes one text frame. `may_broadcast` is the token's `broadcast` scope.
 pub fn decode(frame: &str, may_broadcast: bool) -> Result<ClientEvent<'_>, WireError> {
-    let raw: RawFrame = serde_json::from_str(frame)
-        .map_err(|e| bad_json(format!("expected a JSON object {{\"event\":…,\"data\":…}}: {e}")))?;
+    const SHAPE: &str = "expected a JSON object {\"event\":…,\"data\":…}";
+    if !is_object(frame) {
+        return Err(bad_json(SHAPE));
+    }
+    let raw: RawFrame = serde_json::from_str(frame).map_err(|e| bad_json(format!("{SHAPE}: {e}")))?;
     // Read the clientMessageId first, so that every later error can echo it.
-    let chat: Option<RawChat> = raw.data.and_then(|d| serde_json::from_str(d.get()).ok());
+    let chat: Option<RawChat> =
+        raw.data.filter(|d| is_object(d.get())).and_then(|d| serde_json::from_str(d.get()).ok());
     let client_message_id = match chat.as_ref().and_then(|c| c.client_message_id) {
         None => None,
         Some(v) => match serde_json::from_str::<Option<String>>(v.get()) {
@@ -391,6 +401,35 @@ mod tests {
         let f = r#"{"event":"send_chat_message_to_all_participants","data":{"message":"x"}}"#;
         assert_eq!(err(f).code, ErrorCode::Forbidden);
         assert!(matches!(decode(f, true).unwrap(), ClientEvent::Chat { to: Recipients::All, .. }));
+    }
+
+    #[test]
+    fn lists_are_not_objects() {
+        // The positional form serde derives for structs is not a frame.
+        assert_eq!(err(r#"["ping"]"#).code, ErrorCode::BadJson);
+        assert_eq!(
+            err(r#" ["send_chat_message_to_participant",{"participantId":"b","message":1}]"#).code,
+            ErrorCode::BadJson
+        );
+        let f = r#"{"event":"send_chat_message_to_participant","data":["b",null,"hi"]}"#;
+        assert_eq!(err(f).code, ErrorCode::BadJson);
+        // Whitespace before the object is fine.
+        assert!(matches!(decode(" \n\t\r{\"event\":\"ping\"}", false).unwrap(), ClientEvent::Ping));
+        let f = r#"{"event":"send_chat_message_to_participant","data": {"participantId":"b","message":1}}"#;
+        assert!(matches!(decode(f, false).unwrap(), ClientEvent::Chat { .. }));
+    }
+
+    #[test]
+    fn deep_nesting_inside_message_is_kept_verbatim() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let f = format!(
+            r#"{{"event":"send_chat_message_to_participant","data":{{"participantId":"b","message":{deep}}}}}"#
+        );
+        match decode(&f, false).unwrap() {
+            ClientEvent::Chat { message, .. } => assert_eq!(message.get(), deep),
+            _ => panic!(),
+        }
+        assert_eq!(err(&deep).code, ErrorCode::BadJson);
     }
 
     #[test]

@@ -1,0 +1,46 @@
+//! `wire::decode` on arbitrary UTF-8 with both values of `may_broadcast`, and
+//! `wire::envelope_id` on arbitrary bytes. Also checks what must hold for every input:
+//! a decoded chat has 1..=100 valid recipients and a `message` that is valid JSON; every
+//! error has a non-empty message, and an echoed `clientMessageId` is at most 256 bytes.
+#![no_main]
+
+use fanout::auth::check_user_id;
+use fanout::wire::{self, ClientEvent, Recipients, MAX_CLIENT_MESSAGE_ID, MAX_RECIPIENTS};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = wire::envelope_id(data);
+    let Ok(frame) = std::str::from_utf8(data) else { return };
+    for may_broadcast in [false, true] {
+        match wire::decode(frame, may_broadcast) {
+            Ok(ClientEvent::Ping) => {}
+            Ok(ClientEvent::Chat { to, message, client_message_id }) => {
+                match &to {
+                    Recipients::One(u) => assert!(check_user_id(u).is_ok(), "bad recipient {u:?}"),
+                    Recipients::Many(v) => {
+                        assert!(!v.is_empty() && v.len() <= MAX_RECIPIENTS, "{} recipients", v.len());
+                        for u in v {
+                            assert!(check_user_id(u).is_ok(), "bad recipient {u:?}");
+                        }
+                    }
+                    Recipients::All => assert!(may_broadcast, "broadcast without the scope"),
+                }
+                assert_ne!(message.get(), "null");
+                if let Some(c) = &client_message_id {
+                    assert!(c.len() <= MAX_CLIENT_MESSAGE_ID);
+                }
+                // The envelope built from it is one JSON text with the message verbatim.
+                let env = wire::chat_message("00000000-0000-4000-8000-000000000000", "me", &to, message, 1, None);
+                assert!(env.contains(message.get()));
+                assert!(wire::envelope_id(env.as_bytes()).is_some());
+            }
+            Err(e) => {
+                assert!(!e.message.is_empty());
+                if let Some(c) = &e.client_message_id {
+                    assert!(c.len() <= MAX_CLIENT_MESSAGE_ID);
+                }
+                let _ = wire::error(&e);
+            }
+        }
+    }
+});
