@@ -61,6 +61,12 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
+/// The token verifier of the configuration `token` and `check-token` were given.
+fn verifier(settings: ServeArgs) -> Result<Verifier, ExitCode> {
+    let cfg = settings.validate().map_err(config_error)?;
+    Verifier::new(&cfg.auth).map_err(config_error)
+}
+
 fn config_error(e: impl std::fmt::Display) -> ExitCode {
     eprintln!("fanout: {e}");
     ExitCode::from(2)
@@ -72,13 +78,9 @@ fn main() -> ExitCode {
         None => serve(cli.serve),
         Some(Cmd::Serve(args)) => serve(args),
         Some(Cmd::Token { user_id, ttl, scope, settings }) => {
-            let cfg = match settings.validate() {
-                Ok(c) => c,
-                Err(e) => return config_error(e),
-            };
-            let verifier = match Verifier::new(&cfg.auth) {
+            let verifier = match verifier(settings) {
                 Ok(v) => v,
-                Err(e) => return config_error(e),
+                Err(code) => return code,
             };
             match verifier.mint(&user_id, ttl, scope.as_deref()) {
                 Ok(t) => {
@@ -89,13 +91,9 @@ fn main() -> ExitCode {
             }
         }
         Some(Cmd::CheckToken { jwt, settings }) => {
-            let cfg = match settings.validate() {
-                Ok(c) => c,
-                Err(e) => return config_error(e),
-            };
-            let verifier = match Verifier::new(&cfg.auth) {
+            let verifier = match verifier(settings) {
                 Ok(v) => v,
-                Err(e) => return config_error(e),
+                Err(code) => return code,
             };
             match verifier.verify(&jwt) {
                 Ok(id) => {
