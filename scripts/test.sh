@@ -36,3 +36,8 @@ echo "test.sh: cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 echo "test.sh: cargo test --release --all-targets --no-fail-fast"
 cargo test --release --all-targets --no-fail-fast
+# The benchmark tool keeps working: a tiny run of every scenario (well under 20 s) against its
+# own Mosquitto and fanout instances; it exits non-zero when a scenario fails or loses messages.
+echo "test.sh: fanout-bench --smoke"
+cargo build --release --bins
+target/release/fanout-bench --smoke --out target/bench-smoke

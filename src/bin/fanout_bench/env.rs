@@ -1,0 +1,280 @@
+//! The system under test: a Mosquitto broker and M fanout instances, started and stopped by
+//! the bench; plus process measurements (RSS, CPU) and a tiny HTTP client for /readyz and
+//! /metrics.
+
+use std::io::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub type Res<T> = Result<T, String>;
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("no free port")
+}
+
+/// Kills the child when dropped (SIGTERM, then SIGKILL after a grace period).
+pub struct Proc {
+    pub child: Child,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let until = Instant::now() + Duration::from_secs(6);
+        while Instant::now() < until {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub struct Broker {
+    pub proc: Proc,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+pub fn start_mosquitto(bin: &Path, dir: &Path) -> Res<Broker> {
+    let port = free_port();
+    let log = dir.join("mosquitto.log");
+    let conf = dir.join("mosquitto.conf");
+    let text = format!(
+        "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence false\n\
+         set_tcp_nodelay true\nmax_queued_messages 100000\nlog_dest file {}\nlog_type error\n\
+         log_type warning\nlog_type notice\nlog_type subscribe\nlog_type unsubscribe\n",
+        log.display()
+    );
+    std::fs::write(&conf, text).map_err(|e| format!("write {}: {e}", conf.display()))?;
+    let child = Command::new(bin)
+        .arg("-c")
+        .arg(&conf)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e} (apt-get install mosquitto)", bin.display()))?;
+    let proc = Proc { child };
+    let until = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > until {
+            return Err(format!("mosquitto did not listen on {port}; see {}", log.display()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(Broker { proc, port, log })
+}
+
+pub struct Instance {
+    pub proc: Proc,
+    pub port: u16,
+    pub id: String,
+}
+
+pub fn fanout_binary() -> Res<PathBuf> {
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let p = me.parent().ok_or("no exe dir")?.join("fanout");
+    if p.exists() {
+        Ok(p)
+    } else {
+        Err(format!("{} not found: build both binaries (cargo build --release)", p.display()))
+    }
+}
+
+pub async fn start_instances(
+    bin: &Path,
+    dir: &Path,
+    broker_port: u16,
+    count: usize,
+    secret: &str,
+) -> Res<Vec<Instance>> {
+    let mut out = Vec::new();
+    for i in 0..count {
+        let port = free_port();
+        let id = format!("bench-{i}");
+        let log = std::fs::File::create(dir.join(format!("{id}.log"))).map_err(|e| e.to_string())?;
+        let child = Command::new(bin)
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--mqtt-url", &format!("mqtt://127.0.0.1:{broker_port}")])
+            .args(["--instance-id", &id, "--jwt-secret", secret])
+            .args(["--rate-limit", "100000", "--rate-burst", "100000"])
+            .args(["--max-connections", "1000000", "--publish-queue", "65536"])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        out.push(Instance { proc: Proc { child }, port, id });
+    }
+    for inst in &mut out {
+        let until = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok((200, _)) = http_get(inst.port, "/readyz").await {
+                break;
+            }
+            if let Ok(Some(st)) = inst.proc.child.try_wait() {
+                return Err(format!("instance {} exited ({st}); see {}/{}.log", inst.id, dir.display(), inst.id));
+            }
+            if Instant::now() > until {
+                return Err(format!("instance {} not ready after 15 s", inst.id));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+    Ok(out)
+}
+
+/// `GET path` on 127.0.0.1:port; returns (status, body). Handles chunked bodies crudely
+/// (chunk-size lines stay in; callers only look for whole metric lines).
+pub async fn http_get(port: u16, path: &str) -> Res<(u16, String)> {
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| e.to_string())?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).ok_or("bad HTTP response")?;
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        Ok((status, body))
+    };
+    tokio::time::timeout(Duration::from_secs(5), fut).await.map_err(|_| "HTTP timeout".to_string())?
+}
+
+/// Sum of the samples of `name` whose label set contains `label` (e.g. `source="mqtt"`).
+pub fn metric(body: &str, name: &str, label: &str) -> f64 {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+pub async fn scrape(port: u16, name: &str, label: &str) -> Res<f64> {
+    let (st, body) = http_get(port, "/metrics").await?;
+    if st != 200 {
+        return Err(format!("/metrics answered {st}"));
+    }
+    Ok(metric(&body, name, label))
+}
+
+/// VmRSS of a process in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
+}
+
+/// utime + stime of a process, in seconds.
+pub fn cpu_secs(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the ")" of the command name: state is field 3; utime/stime are 14/15.
+    let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = clk_tck();
+    let ut: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let st: f64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    (ut + st) / tick
+}
+
+fn clk_tck() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// This process's own user + system CPU seconds (getrusage).
+pub fn self_cpu_secs() -> f64 {
+    // SAFETY: getrusage writes into the struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// (busy, total) jiffies of the whole machine from /proc/stat.
+pub fn machine_jiffies() -> (f64, f64) {
+    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = s.lines().next() else { return (0.0, 0.0) };
+    let v: Vec<f64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let total: f64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0.0) + v.get(4).copied().unwrap_or(0.0);
+    (total - idle, total)
+}
+
+/// Raises RLIMIT_NOFILE's soft limit to the hard limit (children inherit it). Returns the
+/// resulting soft limit.
+pub fn raise_nofile() -> u64 {
+    // SAFETY: getrlimit/setrlimit on a struct we own.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return 0;
+        }
+        let want = 1_048_576.max(r.rlim_max);
+        let try_hard = libc::rlimit { rlim_cur: want, rlim_max: want };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &try_hard) == 0 {
+            return want;
+        }
+        r.rlim_cur = r.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+        r.rlim_cur
+    }
+}
+
+/// 127.0.0.2, 127.0.0.3, … as client source addresses (each has its own ephemeral ports).
+pub fn source_addrs(n: usize) -> Vec<IpAddr> {
+    (0..n.max(1)).map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + i as u8))).collect()
+}
+
+pub fn ws_addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Counts SUBSCRIBE and UNSUBSCRIBE log lines for topics starting with `topic_prefix`
+/// (Mosquitto logs `<ts>: <client> <qos> <topic>` and `<ts>: <client> <topic>`).
+pub fn count_sub_unsub(log: &Path, topic_prefix: &str) -> (u64, u64) {
+    let s = std::fs::read_to_string(log).unwrap_or_default();
+    let (mut sub, mut unsub) = (0, 0);
+    for line in s.lines() {
+        let Some((_, rest)) = line.split_once(": ") else { continue };
+        let parts: Vec<&str> = rest.split(' ').collect();
+        match parts.as_slice() {
+            [c, q, t] if c.starts_with("fanout-") && q.len() == 1 && t.starts_with(topic_prefix) => sub += 1,
+            [c, t] if c.starts_with("fanout-") && t.starts_with(topic_prefix) => unsub += 1,
+            _ => {}
+        }
+    }
+    (sub, unsub)
+}
+
+pub fn write_file(path: &Path, text: &str) -> Res<()> {
+    let mut f = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    f.write_all(text.as_bytes()).map_err(|e| e.to_string())
+}

@@ -1,0 +1,76 @@
+//! SVG plot: latency percentiles against offered load (direct, and broker-floor's p99).
+
+use std::path::Path;
+
+use plotters::prelude::*;
+use serde_json::Value;
+
+type Line = (String, Vec<(f64, f64)>, RGBColor);
+
+fn series(v: &Value, key: &str) -> Vec<(f64, f64)> {
+    v["steps"]
+        .as_array()
+        .map(|steps| {
+            steps.iter().filter_map(|s| Some((s["offered_rate"].as_f64()?, s[key].as_f64()?.max(0.001)))).collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn latency_svg(path: &Path, direct: &Value, floor: Option<&Value>) -> Result<(), String> {
+    let keys = [("p50_ms", "p50"), ("p90_ms", "p90"), ("p99_ms", "p99"), ("p999_ms", "p99.9"), ("max_ms", "max")];
+    let mut lines: Vec<Line> = Vec::new();
+    let colors = [BLUE, GREEN, RED, MAGENTA, BLACK];
+    for ((k, name), c) in keys.iter().zip(colors) {
+        lines.push((format!("fanout {name}"), series(direct, k), c));
+    }
+    if let Some(f) = floor {
+        lines.push(("broker-floor p50".into(), series(f, "p50_ms"), CYAN));
+        lines.push(("broker-floor p99".into(), series(f, "p99_ms"), RGBColor(255, 140, 0)));
+    }
+    let all: Vec<(f64, f64)> = lines.iter().flat_map(|l| l.1.iter().copied()).collect();
+    if all.is_empty() {
+        return Err("nothing to plot".into());
+    }
+    let xmax = all.iter().map(|p| p.0).fold(0.0, f64::max) * 1.05;
+    let ymin = all.iter().map(|p| p.1).fold(f64::INFINITY, f64::min).max(0.01) / 1.5;
+    let ymax = all.iter().map(|p| p.1).fold(0.0, f64::max) * 1.5;
+    let title = format!(
+        "fanout: latency vs offered load ({} instances, {} users, {} B messages)",
+        direct["instances"], direct["users"], direct["message_bytes"]
+    );
+    let root = SVGBackend::new(path, (960, 600)).into_drawing_area();
+    let e = |e: DrawingAreaErrorKind<_>| e.to_string();
+    root.fill(&WHITE).map_err(e)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..xmax, (ymin..ymax).log_scale())
+        .map_err(e)?;
+    chart
+        .configure_mesh()
+        .x_desc("offered load (messages/s)")
+        .y_desc("end-to-end latency (ms, log scale)")
+        .draw()
+        .map_err(e)?;
+    for (name, pts, color) in lines {
+        if pts.is_empty() {
+            continue;
+        }
+        chart
+            .draw_series(LineSeries::new(pts, color.stroke_width(2)))
+            .map_err(e)?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(e)?;
+    root.present().map_err(e)?;
+    Ok(())
+}
