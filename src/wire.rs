@@ -387,7 +387,16 @@ mod tests {
         assert_eq!((e.code, e.client_message_id.as_deref()), (ErrorCode::UnknownEvent, Some("c9")));
         let e = err(r#"{"event":7,"data":{"clientMessageId":"c9"}}"#);
         assert_eq!((e.code, e.client_message_id.as_deref()), (ErrorCode::BadJson, Some("c9")));
-        for id in [json!("#"), json!("+"), json!("a/b"), json!(""), json!("a".repeat(300)), json!("a\u{1}"), json!(5)] {
+        for id in [
+            json!("#"),
+            json!("+"),
+            json!("a/b"),
+            json!(""),
+            json!("a".repeat(300)),
+            json!("a\u{1}"),
+            json!("a\u{ffff}"),
+            json!(5),
+        ] {
             let f = json!({"event":"send_chat_message_to_participant","data":{"message":"x","participantId":id,"clientMessageId":"c"}});
             let e = err(&f.to_string());
             assert_eq!(e.code, ErrorCode::InvalidParticipant, "{id}");

@@ -2,11 +2,31 @@
 //! `wire::envelope_id` on arbitrary bytes. Also checks what must hold for every input:
 //! a decoded chat has 1..=100 valid recipients and a `message` that is valid JSON; every
 //! error has a non-empty message, and an echoed `clientMessageId` is at most 256 bytes.
+//! Recipient ids are checked against an independent oracle: what Mosquitto accepts as one
+//! topic level (its `mosquitto_validate_utf8` plus no `/`, `+`, `#`), since a topic it
+//! refuses costs the whole broker connection.
 #![no_main]
 
-use fanout::auth::check_user_id;
 use fanout::wire::{self, ClientEvent, Recipients, MAX_CLIENT_MESSAGE_ID, MAX_RECIPIENTS};
 use libfuzzer_sys::fuzz_target;
+
+/// One MQTT topic level Mosquitto accepts in a PUBLISH or SUBSCRIBE, 1-256 bytes.
+fn valid_topic_level(id: &str) -> bool {
+    (1..=256).contains(&id.len())
+        && !id.contains(['/', '+', '#'])
+        && id.chars().all(|c| {
+            let c = c as u32;
+            !(c <= 0x1f || (0x7f..=0x9f).contains(&c) || (0xfdd0..=0xfdef).contains(&c) || c & 0xfffe == 0xfffe)
+        })
+}
+
+fn check_user_id(id: &str) -> Result<(), String> {
+    if valid_topic_level(id) {
+        Ok(())
+    } else {
+        Err(format!("{id:?} is not one valid MQTT topic level"))
+    }
+}
 
 fuzz_target!(|data: &[u8]| {
     let _ = wire::envelope_id(data);
@@ -15,6 +35,7 @@ fuzz_target!(|data: &[u8]| {
         match wire::decode(frame, may_broadcast) {
             Ok(ClientEvent::Ping) => {}
             Ok(ClientEvent::Chat { to, message, client_message_id }) => {
+                assert!(frame.trim_start().starts_with('{'), "a frame that is not an object decoded");
                 match &to {
                     Recipients::One(u) => assert!(check_user_id(u).is_ok(), "bad recipient {u:?}"),
                     Recipients::Many(v) => {
