@@ -253,9 +253,12 @@ impl Bus {
         if payload.len() > self.max_publish_bytes || self.stopping.load(Ordering::Acquire) {
             return Err(BusError::Unavailable);
         }
-        match tokio::time::timeout(self.broker_wait, self.client.publish_bytes(topic, QoS::AtLeastOnce, false, payload))
-            .await
-        {
+        let started = std::time::Instant::now();
+        let handed =
+            tokio::time::timeout(self.broker_wait, self.client.publish_bytes(topic, QoS::AtLeastOnce, false, payload))
+                .await;
+        self.metrics.publish_wait(started.elapsed());
+        match handed {
             Ok(Ok(())) => {
                 self.metrics.published(1);
                 Ok(())

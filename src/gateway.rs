@@ -1,5 +1,7 @@
 //! HTTP routes (warp): the WebSocket upgrade with authentication before any upgrade,
-//! `/healthz`, `/readyz`, `/metrics`.
+//! `/healthz`, `/readyz`, `/metrics`, the publish API (`/api/publish`, [`crate::api`]), its
+//! OpenAPI document (`/api/openapi.json`), the chat page (`/`) and, with the development
+//! secret only, `/dev/token`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,6 +14,7 @@ use warp::reply::Response;
 use warp::{Filter, Rejection};
 
 use crate::auth::{AuthError, Verifier};
+use crate::config::AuthMode;
 use crate::limits::{ConnLimiter, LimitError};
 use crate::session::{self, Shared};
 
@@ -85,7 +88,18 @@ pub fn websocket_accept(headers: &HeaderMap) -> Option<String> {
     Some(tungstenite::handshake::derive_accept_key(key.as_bytes()))
 }
 
-fn json_response(status: StatusCode, body: serde_json::Value) -> Response {
+/// The OpenAPI 3 description of every route (kept in the repository, served as is).
+pub const OPENAPI_JSON: &str = include_str!("../docs/openapi.json");
+/// The chat page; `/*FANOUT_PAGE_CONFIG*/null` is replaced by the page's settings.
+pub const PAGE_HTML: &str = include_str!("page.html");
+
+/// The chat page with its settings (WebSocket path, whether the dev mint button works).
+pub fn page_html(ws_path: &str, dev_mint: bool) -> String {
+    let cfg = serde_json::json!({"wsPath": ws_path, "devMint": dev_mint}).to_string().replace('<', "\\u003c");
+    PAGE_HTML.replacen("/*FANOUT_PAGE_CONFIG*/null", &cfg, 1)
+}
+
+pub fn json_response(status: StatusCode, body: serde_json::Value) -> Response {
     let mut r = Response::new(body.to_string().into());
     *r.status_mut() = status;
     r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
@@ -182,6 +196,8 @@ impl Gateway {
     fn metrics(&self) -> Response {
         let sh = &self.shared;
         sh.metrics.set_ready(!self.draining.load(Ordering::Acquire) && sh.bus.ready());
+        let (queued, fullest) = sh.hub.outbox_stats();
+        sh.metrics.set_outbox(queued, fullest);
         let mut r = Response::new(sh.metrics.render().into());
         r.headers_mut().insert(
             http::header::CONTENT_TYPE,
@@ -219,9 +235,55 @@ impl Gateway {
             .map(|| json_response(StatusCode::OK, serde_json::json!({"status": "ok"})));
         let g = self.clone();
         let readyz = warp::get().and(warp::path("readyz")).and(warp::path::end()).map(move || g.readyz());
-        let g = self;
+        let g = self.clone();
         let metrics = warp::get().and(warp::path("metrics")).and(warp::path::end()).map(move || g.metrics());
-        ws.or(healthz).unify().or(readyz).unify().or(metrics).unify()
+        let g = self.clone();
+        // Path before method: an unknown path must stay 404, not become 405.
+        let publish = warp::path!("api" / "publish")
+            .and(warp::post())
+            .and(warp::header::headers_cloned())
+            .and(warp::body::stream())
+            .then(move |headers: HeaderMap, body| {
+                let g = g.clone();
+                async move { crate::api::publish(&g.shared, g.draining.load(Ordering::Acquire), headers, body).await }
+            });
+        let openapi = warp::get().and(warp::path!("api" / "openapi.json")).map(|| {
+            let mut r = Response::new(OPENAPI_JSON.into());
+            r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+            r
+        });
+        let dev = matches!(self.shared.cfg.auth, AuthMode::Secret { dev: true, .. });
+        let page = page_html(&self.shared.cfg.ws_path, dev);
+        let index = warp::get().and(warp::path::end()).map(move || {
+            let mut r = Response::new(page.clone().into());
+            let h = r.headers_mut();
+            h.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/html; charset=utf-8"));
+            h.insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-cache"));
+            r
+        });
+        // Only with the built-in development secret: anyone may mint tokens then anyway.
+        let g = self;
+        let dev_token = warp::path!("dev" / "token")
+            .and(warp::post())
+            .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+            .and_then(move |q: String| {
+                let r = dev.then(|| crate::api::dev_token(&g.verifier, &q));
+                async move { r.ok_or_else(warp::reject::not_found) }
+            });
+        ws.or(healthz)
+            .unify()
+            .or(readyz)
+            .unify()
+            .or(metrics)
+            .unify()
+            .or(publish)
+            .unify()
+            .or(openapi)
+            .unify()
+            .or(index)
+            .unify()
+            .or(dev_token)
+            .unify()
     }
 }
 

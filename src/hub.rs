@@ -9,6 +9,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, Notify};
@@ -43,7 +44,8 @@ pub enum Removed {
 /// The sending side of one connection's outbound queue, bounded in bytes.
 #[derive(Debug)]
 pub struct Outbox {
-    tx: mpsc::UnboundedSender<Message>,
+    /// Each frame carries when it was queued (for `fanout_delivery_latency_seconds`).
+    tx: mpsc::UnboundedSender<(Message, Instant)>,
     queued: AtomicUsize,
     limit: usize,
     overflowed: AtomicBool,
@@ -54,7 +56,7 @@ pub struct Outbox {
 /// The receiving side, owned by the session's writer.
 #[derive(Debug)]
 pub struct OutboxRx {
-    rx: mpsc::UnboundedReceiver<Message>,
+    rx: mpsc::UnboundedReceiver<(Message, Instant)>,
 }
 
 /// Result of pushing into an outbox.
@@ -81,6 +83,11 @@ impl Outbox {
     }
 
     pub fn push(&self, msg: Message) -> Push {
+        self.push_at(msg, Instant::now())
+    }
+
+    /// Like [`Outbox::push`], stamped with `at` (one clock read per fan-out, not per socket).
+    pub fn push_at(&self, msg: Message, at: Instant) -> Push {
         if self.overflowed.load(Ordering::Relaxed) {
             return Push::Overflow;
         }
@@ -92,7 +99,7 @@ impl Outbox {
             self.overflow.notify_one();
             return Push::Overflow;
         }
-        match self.tx.send(msg) {
+        match self.tx.send((msg, at)) {
             Ok(()) => Push::Queued,
             Err(_) => {
                 self.queued.fetch_sub(len, Ordering::AcqRel);
@@ -117,6 +124,11 @@ impl Outbox {
 
 impl OutboxRx {
     pub async fn recv(&mut self) -> Option<Message> {
+        self.rx.recv().await.map(|(m, _)| m)
+    }
+
+    /// The next frame and when it was queued.
+    pub async fn recv_stamped(&mut self) -> Option<(Message, Instant)> {
         self.rx.recv().await
     }
 }
@@ -169,8 +181,9 @@ fn seen(recent: &mut VecDeque<u64>, id: Option<u128>) -> bool {
 }
 
 fn fan(conns: &[ConnRef], msg: &Message, out: &mut Fanned) {
+    let now = Instant::now();
     for c in conns {
-        match c.outbox.push(msg.clone()) {
+        match c.outbox.push_at(msg.clone(), now) {
             Push::Queued => out.delivered += 1,
             Push::Overflow => out.overflowed += 1,
             Push::Closed => {}
@@ -260,6 +273,16 @@ impl Hub {
 
     pub fn connections(&self) -> usize {
         self.inner.lock().connections
+    }
+
+    /// Outbox depth for `/metrics`: bytes queued in all outboxes, and in the fullest one.
+    pub fn outbox_stats(&self) -> (usize, usize) {
+        let g = self.inner.lock();
+        g.users
+            .values()
+            .flat_map(|e| e.conns.iter())
+            .map(|c| c.outbox.queued_bytes())
+            .fold((0, 0), |(sum, max), q| (sum + q, max.max(q)))
     }
 
     /// Every registered connection (for shutdown).

@@ -15,7 +15,8 @@
 //! * [`bus`] — the MQTT connection: subscriptions, confirmations, reconnects, publishes,
 //!   inbound routing into the hub.
 //! * [`session`] — one WebSocket: reader, writer, pings, timeouts, rate limit.
-//! * [`gateway`] — warp routes: upgrade + auth, health, readiness, metrics.
+//! * [`gateway`] — warp routes: upgrade + auth, health, readiness, metrics, the chat page.
+//! * [`api`] — `POST /api/publish` (server-side publish) and the dev-only token route.
 //! * [`limits`] — connection limits per instance and per user.
 //! * [`metrics`] — every metric, with verb methods.
 //! * [`server`] — wires the parts together, runs them, and shuts them down in order.
@@ -29,6 +30,7 @@
 //! bus passes the bytes to [`hub::Hub::deliver`] → each local connection's outbox → its
 //! session writes it.
 
+pub mod api;
 pub mod auth;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;

@@ -5,6 +5,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -21,6 +22,43 @@ struct ReasonLabel {
 struct CodeLabel {
     code: &'static str,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+/// Outcome of one `POST /api/publish` (label `result` of `fanout_api_publish_requests_total`).
+#[derive(Debug, Clone, Copy)]
+pub enum ApiResult {
+    /// 202: handed to the broker connection.
+    Accepted,
+    /// 400: malformed body.
+    BadRequest,
+    /// 401: missing or wrong API key.
+    Unauthorized,
+    /// 503: broker link down, shutting down, or no room in time.
+    Unavailable,
+}
+
+impl ApiResult {
+    fn label(self) -> &'static str {
+        match self {
+            ApiResult::Accepted => "accepted",
+            ApiResult::BadRequest => "bad_request",
+            ApiResult::Unauthorized => "unauthorized",
+            ApiResult::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// Buckets of `fanout_delivery_latency_seconds`: 100 µs to 10 s.
+const DELIVERY_BUCKETS: [f64; 16] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// Buckets of `fanout_publish_wait_seconds`: 10 µs (room at once) to 10 s (beyond any
+/// sensible --broker-timeout).
+const PUBLISH_WAIT_BUCKETS: [f64; 14] =
+    [0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct InfoLabels {
@@ -74,6 +112,11 @@ pub struct Metrics {
     slow_consumers: Counter,
     auth_failures: Counter,
     ready: Gauge<i64, std::sync::atomic::AtomicI64>,
+    delivery_latency: Histogram,
+    publish_wait: Histogram,
+    outbox_queued: Gauge,
+    outbox_max_queued: Gauge,
+    api_publish: Family<ResultLabel, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -101,6 +144,11 @@ impl Metrics {
             slow_consumers: Counter::default(),
             auth_failures: Counter::default(),
             ready: Gauge::default(),
+            delivery_latency: Histogram::new(DELIVERY_BUCKETS),
+            publish_wait: Histogram::new(PUBLISH_WAIT_BUCKETS),
+            outbox_queued: Gauge::default(),
+            outbox_max_queued: Gauge::default(),
+            api_publish: Family::default(),
         };
         r.register("fanout_connections", "Open WebSocket connections on this instance", m.connections.clone());
         r.register("fanout_users", "Distinct users with at least one connection on this instance", m.users.clone());
@@ -132,6 +180,31 @@ impl Metrics {
         );
         r.register("fanout_auth_failures", "Upgrade requests refused with 401", m.auth_failures.clone());
         r.register("fanout_ready", "1 while /readyz answers 200", m.ready.clone());
+        r.register(
+            "fanout_delivery_latency_seconds",
+            "Time from a broker message's fan-out into a connection's outbox (right after it was read from MQTT) to the end of its socket write",
+            m.delivery_latency.clone(),
+        );
+        r.register(
+            "fanout_publish_wait_seconds",
+            "Time a publish waited for room in the queue toward the broker connection (timeouts included)",
+            m.publish_wait.clone(),
+        );
+        r.register(
+            "fanout_outbox_queued_bytes",
+            "Bytes of frames waiting in all connections' outboxes (sampled at scrape)",
+            m.outbox_queued.clone(),
+        );
+        r.register(
+            "fanout_outbox_max_queued_bytes",
+            "Bytes waiting in the fullest single outbox (sampled at scrape); 4008 comes at --send-queue",
+            m.outbox_max_queued.clone(),
+        );
+        r.register(
+            "fanout_api_publish_requests",
+            "POST /api/publish requests, by result: accepted, bad_request, unauthorized, unavailable",
+            m.api_publish.clone(),
+        );
         let info: Family<InfoLabels, Gauge> = Family::default();
         info.get_or_create(&InfoLabels {
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -140,7 +213,7 @@ impl Metrics {
         .set(1);
         r.register("fanout_build_info", "Build and instance information", info);
         // Every labelled series exists from the start, at 0, so dashboards and tests see it.
-        for s in ["ws", "mqtt"] {
+        for s in ["ws", "mqtt", "api"] {
             let _ = m.messages_in.get_or_create(&SourceLabel { source: s });
         }
         for d in [
@@ -152,6 +225,9 @@ impl Metrics {
             Drop::UnknownTopic,
         ] {
             let _ = m.dropped.get_or_create(&ReasonLabel { reason: d.label() });
+        }
+        for a in [ApiResult::Accepted, ApiResult::BadRequest, ApiResult::Unauthorized, ApiResult::Unavailable] {
+            let _ = m.api_publish.get_or_create(&ResultLabel { result: a.label() });
         }
         Metrics { registry: r, ..m }
     }
@@ -212,6 +288,26 @@ impl Metrics {
     pub fn set_ready(&self, ready: bool) {
         self.ready.set(ready as i64);
     }
+    /// A frame that came from the broker was written to a socket; `since` is when it was
+    /// put into the connection's outbox.
+    pub fn delivery_latency(&self, since: std::time::Instant) {
+        self.delivery_latency.observe(since.elapsed().as_secs_f64());
+    }
+    /// How long one `Bus::publish` waited for room toward the broker.
+    pub fn publish_wait(&self, waited: std::time::Duration) {
+        self.publish_wait.observe(waited.as_secs_f64());
+    }
+    /// Outbox depth sampled at scrape: total bytes queued, and the largest single outbox.
+    pub fn set_outbox(&self, total: usize, max: usize) {
+        self.outbox_queued.set(total as i64);
+        self.outbox_max_queued.set(max as i64);
+    }
+    pub fn api_message_in(&self) {
+        self.messages_in.get_or_create(&SourceLabel { source: "api" }).inc();
+    }
+    pub fn api_publish(&self, r: ApiResult) {
+        self.api_publish.get_or_create(&ResultLabel { result: r.label() }).inc();
+    }
 }
 
 #[cfg(test)]
@@ -233,6 +329,13 @@ mod tests {
             "fanout_dropped_total{reason=\"slow_consumer\"} 0",
             "fanout_mqtt_connected 0",
             "fanout_mqtt_reconnects_total 0",
+            "fanout_dropped_total{reason=\"rate_limited\"} 0",
+            "fanout_slow_consumers_total 0",
+            "fanout_delivery_latency_seconds_count 0",
+            "fanout_publish_wait_seconds_count 0",
+            "fanout_outbox_queued_bytes 0",
+            "fanout_api_publish_requests_total{result=\"accepted\"} 0",
+            "fanout_build_info{",
         ] {
             assert!(text.contains(s), "missing {s} in\n{text}");
         }

@@ -161,13 +161,16 @@ async fn run(ws: Socket, id: Identity, conn_id: uuid::Uuid, sh: Arc<Shared>) {
             _ = sh.shutdown.cancelled() => Some(End::Close(close::GOING_AWAY, "instance shutting down")),
             _ = tokio::time::sleep_until(expiry) => Some(End::Close(close::TOKEN_EXPIRED, "token expired")),
             _ = outbox.overflow.notified() => Some(slow_consumer()),
-            m = outbox_rx.recv() => match m {
-                Some(m) => {
+            m = outbox_rx.recv_stamped() => match m {
+                Some((m, queued_at)) => {
                     outbox.taken(&m);
                     // A write blocked on a peer that stopped reading must not hide the
                     // overflow: whatever is half-written stays buffered ahead of the close.
                     tokio::select! {
-                        r = send(&mut tx, m) => r.err().map(|()| End::Gone),
+                        r = send(&mut tx, m) => {
+                            sh.metrics.delivery_latency(queued_at);
+                            r.err().map(|()| End::Gone)
+                        }
                         _ = outbox.overflow.notified() => Some(slow_consumer()),
                     }
                 }
