@@ -1,0 +1,182 @@
+//! The chat page at `/` in headless Chromium: two pages on two instances chat with each other
+//! through the page's own controls (paste token, connect, send), see who they are, acks, errors
+//! and why a connection closed; the dev-only mint button works only with the development
+//! secret. A screenshot is saved as a test artifact: target/artifacts/chat.png.
+
+mod common;
+#[path = "support/dev.rs"]
+mod dev;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::browser::{Browser, Page};
+use common::*;
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn artifacts() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
+    let dir = target.join("artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+async fn wait(p: &mut Page, js: &str, what: &str) {
+    if !p.wait_until(js, WAIT).await {
+        let log = p.eval("document.getElementById('log').innerText").await;
+        panic!("{what}: `{js}` never held; page log:\n{}\nconsole: {:?}", log.as_str().unwrap_or(""), p.console);
+    }
+}
+
+/// Pastes `token` and presses Connect.
+async fn connect(p: &mut Page, token: &str) {
+    p.eval(&format!(
+        "document.getElementById('token').value = {}; document.getElementById('connect').click(); true",
+        json!(token)
+    ))
+    .await;
+}
+
+/// Types a message to `to` and presses Send.
+async fn send(p: &mut Page, to: &str, text: &str) {
+    p.eval(&format!(
+        "document.getElementById('to').value = {}; document.getElementById('message').value = {}; \
+         document.getElementById('send').click(); true",
+        json!(to),
+        json!(text)
+    ))
+    .await;
+}
+
+fn last_text(class: &str) -> String {
+    format!("(() => {{ const e = [...document.querySelectorAll('#log .{class}')].pop(); return e ? e.innerText : null; }})()")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_chat_pages_on_two_instances_talk_to_each_other() {
+    let m = Mosquitto::start();
+    let (a, b, browser) = tokio::join!(
+        Instance::start(InstanceOpts::broker(&m)),
+        Instance::start(InstanceOpts::broker(&m)),
+        Browser::launch()
+    );
+    let (alice, bob) = (unique("alice-"), unique("bob-"));
+    let mut pa = browser.new_page(&format!("http://127.0.0.1:{}/", a.port)).await;
+    let mut pb = browser.new_page(&format!("http://127.0.0.1:{}/", b.port)).await;
+    assert_eq!(pa.eval("document.title").await, json!("fanout chat"));
+    // Not the development secret: no mint button, and the page says how to get a token.
+    assert_eq!(pa.eval("document.getElementById('mint-box').hidden").await, json!(true));
+    assert_eq!(pa.eval("document.getElementById('prod-note').hidden").await, json!(false));
+
+    // A refused handshake (401 before the upgrade) is 1006 in a browser: the page says why.
+    connect(&mut pa, &token("not-the-secret", &alice, 3600, None)).await;
+    wait(&mut pa, "!!document.querySelector('#log .close[data-code=\"1006\"]')", "rejected token").await;
+    let said = pa.eval(&last_text("close")).await;
+    assert!(said.as_str().unwrap().contains("rejected — token invalid or expired?"), "{said}");
+
+    // Paste good tokens, connect, and see who we are.
+    connect(&mut pa, &token(SECRET, &alice, 3600, None)).await;
+    connect(&mut pb, &token(SECRET, &bob, 3600, None)).await;
+    wait(&mut pa, &format!("document.getElementById('me-user')?.textContent === {}", json!(alice)), "alice connected")
+        .await;
+    wait(&mut pb, &format!("document.getElementById('me-user')?.textContent === {}", json!(bob)), "bob connected")
+        .await;
+    let me = pb.eval("document.getElementById('me').innerText").await;
+    assert!(me.as_str().unwrap().contains(&b.id), "bob's page shows his instance {}: {me}", b.id);
+    assert!(pb.eval("document.getElementById('status').textContent").await.as_str().unwrap().contains("connected as"));
+
+    // alice → bob, acked on alice's page, shown with sender and time on bob's.
+    send(&mut pa, &bob, "hi bob, this is alice").await;
+    wait(&mut pa, "!!document.querySelector('#log .msg-out.acked')", "alice's ack").await;
+    wait(&mut pb, &format!("!!document.querySelector('#log .msg-in[data-from={}]')", json!(alice)), "bob receives")
+        .await;
+    let got = pb.eval(&last_text("msg-in")).await;
+    let got = got.as_str().unwrap();
+    assert!(got.contains("hi bob, this is alice") && got.contains(&alice), "{got}");
+    assert!(got.contains(':'), "shows a time: {got}");
+    // and back.
+    send(&mut pb, &alice, "hello alice, bob here").await;
+    wait(&mut pa, &format!("!!document.querySelector('#log .msg-in[data-from={}]')", json!(bob)), "alice receives")
+        .await;
+    wait(&mut pb, "!!document.querySelector('#log .msg-out.acked')", "bob's ack").await;
+    send(&mut pa, &bob, "see you at five").await;
+    wait(&mut pb, "document.querySelectorAll('#log .msg-in').length === 2", "bob's second message").await;
+    wait(&mut pa, "document.querySelectorAll('#log .msg-out.acked').length === 2", "alice's second ack").await;
+
+    // An error frame is shown, and the failed message is marked.
+    send(&mut pb, "not/valid", "x").await;
+    wait(&mut pb, "!!document.querySelector('#log .error[data-code=\"invalid_participant\"]')", "error frame").await;
+    wait(&mut pb, "!!document.querySelector('#log .msg-out.failed')", "failed mark").await;
+
+    // An injected (operator) message shows too.
+    m.publish_text(
+        &format!("msg/{bob}"),
+        r#"{"event":"chat_message","data":{"from":"ops","message":"maintenance at 5"}}"#,
+    );
+    wait(&mut pb, "!!document.querySelector('#log .msg-in[data-from=\"ops\"]')", "injected message").await;
+
+    let dir = artifacts();
+    pa.screenshot(dir.join("chat-alice.png")).await;
+    let shot = dir.join("chat.png");
+    pb.screenshot(&shot).await;
+    let size = std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0);
+    assert!(size > 10_000, "screenshot {} is only {size} bytes", shot.display());
+    eprintln!("screenshots: {} and chat-alice.png", shot.display());
+
+    // Instance b shuts down: bob's page says what 1001 means.
+    let mut b = b;
+    assert!(b.terminate(Duration::from_secs(15)).is_some_and(|s| s.success()));
+    wait(&mut pb, "!!document.querySelector('#log .close[data-code=\"1001\"]')", "1001 on shutdown").await;
+    let said = pb.eval(&last_text("close")).await;
+    assert!(said.as_str().unwrap().contains("instance shutting down"), "{said}");
+    assert_eq!(pa.console.iter().filter(|l| l.starts_with("exception")).count(), 0, "{:?}", pa.console);
+    assert_eq!(pb.console.iter().filter(|l| l.starts_with("exception")).count(), 0, "{:?}", pb.console);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mint_button_works_only_with_the_development_secret_and_expiry_shows_4001() {
+    let m = Mosquitto::start();
+    let url = m.url();
+    let (d, browser) = tokio::join!(dev::DevInstance::start(&url, &[]), Browser::launch());
+    let mut p = browser.new_page(&format!("http://127.0.0.1:{}/", d.port)).await;
+    assert_eq!(p.eval("document.getElementById('mint-box').hidden").await, json!(false));
+    let note = p.eval("document.getElementById('dev-note').innerText").await;
+    assert!(note.as_str().unwrap().contains("development secret"), "{note}");
+
+    let user = unique("carol-");
+    p.eval(&format!(
+        "document.getElementById('mint-user').value = {}; document.getElementById('mint').click(); true",
+        json!(user)
+    ))
+    .await;
+    wait(&mut p, "document.getElementById('token').value.split('.').length === 3", "minted token").await;
+    p.eval("document.getElementById('connect').click(); true").await;
+    wait(&mut p, &format!("document.getElementById('me-user')?.textContent === {}", json!(user)), "connected").await;
+    // Talk to yourself: every connection of yours receives it.
+    send(&mut p, &user, "note to self").await;
+    wait(&mut p, "!!document.querySelector('#log .msg-in') && !!document.querySelector('#log .msg-out.acked')", "self")
+        .await;
+
+    // A token that expires while connected: 4001 with its meaning.
+    let tok = p.eval(&format!(
+        "fetch('/dev/token?user=' + encodeURIComponent({}) + '&ttl=2s', {{method: 'POST'}}).then(r => r.json()).then(j => j.token)",
+        json!(user)
+    ))
+    .await;
+    connect(&mut p, tok.as_str().unwrap()).await;
+    wait(&mut p, "document.querySelectorAll('#log .info').length >= 3", "second connect").await;
+    let expired = "!!document.querySelector('#log .close[data-code=\"4001\"]')";
+    assert!(
+        p.wait_until(expired, Duration::from_secs(15)).await,
+        "no 4001: {:?}",
+        p.eval("document.getElementById('log').innerText").await
+    );
+    let said = p.eval(&last_text("close")).await;
+    assert!(said.as_str().unwrap().contains("token expired"), "{said}");
+    let v: Value = p.eval("document.getElementById('status').textContent").await;
+    assert_eq!(v, json!("closed 4001"));
+}
