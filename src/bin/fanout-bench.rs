@@ -102,6 +102,9 @@ struct Cli {
     /// HS256 secret for the instances and the tokens (default: random)
     #[arg(long)]
     jwt_secret: Option<String>,
+    /// TOKIO_WORKER_THREADS for the instances (default: tokio's default, one per core)
+    #[arg(long)]
+    instance_threads: Option<usize>,
     /// fanout binary under test (default: `fanout` next to this executable)
     #[arg(long)]
     fanout: Option<PathBuf>,
@@ -133,6 +136,7 @@ pub struct Opts {
     pub jwt_secret: String,
     pub mosquitto: PathBuf,
     pub fanout: Option<PathBuf>,
+    pub instance_threads: Option<usize>,
     pub out: PathBuf,
 }
 
@@ -195,6 +199,7 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool, String> {
         jwt_secret: cli.jwt_secret.clone().unwrap_or_else(|| format!("bench-{}", uuid::Uuid::new_v4().simple())),
         mosquitto: cli.mosquitto.clone(),
         fanout: cli.fanout.clone(),
+        instance_threads: cli.instance_threads,
         out: cli.out.clone(),
     };
     let mut rates = cli.rates.clone();

@@ -108,13 +108,18 @@ pub async fn start_instances(
     broker_port: u16,
     count: usize,
     secret: &str,
+    threads: Option<usize>,
 ) -> Res<Vec<Instance>> {
     let mut out = Vec::new();
     for i in 0..count {
         let port = free_port();
         let id = format!("bench-{i}");
         let log = std::fs::File::create(dir.join(format!("{id}.log"))).map_err(|e| e.to_string())?;
-        let child = Command::new(bin)
+        let mut cmd = Command::new(bin);
+        if let Some(t) = threads {
+            cmd.env("TOKIO_WORKER_THREADS", t.to_string());
+        }
+        let child = cmd
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
             .args(["--mqtt-url", &format!("mqtt://127.0.0.1:{broker_port}")])
             .args(["--instance-id", &id, "--jwt-secret", secret])

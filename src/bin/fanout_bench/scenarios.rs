@@ -48,7 +48,8 @@ impl Setup {
             Some(p) => p.clone(),
             None => env::fanout_binary()?,
         };
-        let instances = env::start_instances(&bin, &dir, broker.port, count, &opts.jwt_secret).await?;
+        let instances =
+            env::start_instances(&bin, &dir, broker.port, count, &opts.jwt_secret, opts.instance_threads).await?;
         Ok(Setup { broker, instances })
     }
 
