@@ -2,6 +2,7 @@
 //! `wire::envelope_id` on arbitrary bytes. Also checks what must hold for every input:
 //! a decoded chat has 1..=100 valid recipients and a `message` that is valid JSON; every
 //! error has a non-empty message, and an echoed `clientMessageId` is at most 256 bytes.
+//! Anything decoded is a JSON object, and a chat's `data` is one too.
 //! Recipient ids are checked against an independent oracle: what Mosquitto accepts as one
 //! topic level (its `mosquitto_validate_utf8` plus no `/`, `+`, `#`), since a topic it
 //! refuses costs the whole broker connection.
@@ -31,11 +32,19 @@ fn check_user_id(id: &str) -> Result<(), String> {
 fuzz_target!(|data: &[u8]| {
     let _ = wire::envelope_id(data);
     let Ok(frame) = std::str::from_utf8(data) else { return };
+    // The frame as a generic JSON value, when serde_json can hold it (depth <= 128).
+    let value: Option<serde_json::Value> = serde_json::from_str(frame).ok();
     for may_broadcast in [false, true] {
-        match wire::decode(frame, may_broadcast) {
+        let decoded = wire::decode(frame, may_broadcast);
+        if let (Ok(_), Some(v)) = (&decoded, &value) {
+            assert!(v.is_object(), "a frame that is not a JSON object decoded");
+        }
+        match decoded {
             Ok(ClientEvent::Ping) => {}
             Ok(ClientEvent::Chat { to, message, client_message_id }) => {
-                assert!(frame.trim_start().starts_with('{'), "a frame that is not an object decoded");
+                if let Some(v) = &value {
+                    assert!(v["data"].is_object(), "a chat whose data is not a JSON object decoded");
+                }
                 match &to {
                     Recipients::One(u) => assert!(check_user_id(u).is_ok(), "bad recipient {u:?}"),
                     Recipients::Many(v) => {
