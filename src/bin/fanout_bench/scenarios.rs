@@ -544,8 +544,15 @@ pub async fn idle(opts: &Opts) -> Res<Value> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let after_close = env::rss_kib(pid);
+    setup.stop();
 
-    // Connect/close cycles: warm-up, then the measured cycles.
+    // Connect/close cycles on a fresh instance (after the N-connection phase the allocator
+    // holds enough freed memory to hide a leak): warm-up, then the measured cycles.
+    let setup = Setup::start(opts, &format!("idle-cycles-{}", opts.cycles), 1).await?;
+    let pid = setup.instances[0].proc.pid();
+    let port = setup.instances[0].port;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let fresh = env::rss_kib(pid);
     let cycle = |count: usize, seed: usize, label: &'static str| {
         let srcs = srcs.clone();
         async move {
@@ -593,8 +600,9 @@ pub async fn idle(opts: &Opts) -> Res<Value> {
     let subs_left = env::scrape(port, "fanout_subscriptions", "").await.unwrap_or(-1.0);
     let kept = (after as f64 - before as f64) * 1024.0 / opts.cycles as f64;
     println!(
-        "idle: {} connect/close cycles ({fails} failed): RSS {before} KiB → {after} KiB; {kept:.1} bytes kept per \
-         closed connection; {subs_left} subscriptions left (1 = the broadcast topic)",
+        "idle: {} connect/close cycles on a fresh instance ({fails} failed): RSS {fresh} KiB fresh, {before} KiB after \
+         {warm} warm-up cycles → {after} KiB; {kept:.1} bytes kept per closed connection; {subs_left} subscriptions \
+         left (1 = the broadcast topic)",
         opts.cycles
     );
     setup.stop();
@@ -610,6 +618,8 @@ pub async fn idle(opts: &Opts) -> Res<Value> {
         "rss_after_close_kib": after_close,
         "cycles": opts.cycles,
         "cycle_failures": fails,
+        "rss_fresh_cycles_instance_kib": fresh,
+        "warmup_cycles": warm,
         "rss_before_cycles_kib": before,
         "rss_after_cycles_kib": after,
         "bytes_kept_per_closed_connection": r3(kept),
