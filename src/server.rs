@@ -64,6 +64,9 @@ fn summary(cfg: &Config, verifier: &Verifier) {
         max_message_bytes = cfg.max_message_bytes,
         send_queue_bytes = cfg.send_queue_bytes,
         rate = %format!("{}/s burst {}", cfg.rate_limit, cfg.rate_burst),
+        limits = %format!("{} connections, {} per user", cfg.max_connections, cfg.max_connections_per_user),
+        publish_api = if cfg.api_key.is_some() { "POST /api/publish (--api-key set)" } else { "off (no --api-key)" },
+        chat_page = %format!("http://{}/", cfg.listen),
         "fanout {} starting",
         env!("CARGO_PKG_VERSION")
     );

@@ -1,0 +1,142 @@
+//! What operators see: `--log-format json` lines (one object per line, connection fields from
+//! the span, connect/disconnect at info and nothing per message), configuration errors (exit 2,
+//! one line naming the flag), and the start-up summary.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_connection_fields_and_nothing_per_message_at_info() {
+    let m = Mosquitto::start();
+    let a = Instance::start(InstanceOpts::broker(&m).arg("--log-format").arg("json")).await;
+    let (alice, bob) = (unique("alice-"), unique("bob-"));
+    let mut ca = a.connect(&alice).await;
+    let mut cb = a.connect(&bob).await;
+    let conn_a = ca.connection_id();
+    for i in 0..5 {
+        ca.chat_acked(&bob, json!(format!("m{i}")), &format!("c{i}")).await;
+        cb.expect_event("chat_message").await;
+    }
+    ca.close().await;
+    drop(cb); // gone without a close frame
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.output().matches("\"disconnected\"").count() < 2 {
+        assert!(Instant::now() < deadline, "no two disconnect lines:\n{}", a.output());
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+
+    let out = a.output();
+    let lines: Vec<Value> = out
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("not one JSON object per line ({e}): {l}")))
+        .collect();
+    assert!(lines.iter().all(|v| v.is_object() && v["level"].is_string() && v["timestamp"].is_string()));
+    assert!(lines.iter().any(|v| v["message"].as_str().is_some_and(|m| m.contains("starting"))), "start-up summary");
+
+    let of = |user: &str, msg: &str| -> Vec<&Value> {
+        lines.iter().filter(|v| v["span"]["user_id"] == json!(user) && v["message"] == json!(msg)).collect()
+    };
+    for user in [&alice, &bob] {
+        let connected = of(user, "connected");
+        assert_eq!(connected.len(), 1, "{user}: one connect line\n{out}");
+        let c = connected[0];
+        assert_eq!(c["level"], json!("INFO"));
+        assert_eq!(c["span"]["instance_id"], json!(a.id), "{c}");
+        assert!(c["span"]["conn_id"].as_str().is_some_and(|s| s.len() == 36), "{c}");
+        let gone = of(user, "disconnected");
+        assert_eq!(gone.len(), 1, "{user}: one disconnect line\n{out}");
+        let d = gone[0];
+        assert_eq!(d["level"], json!("INFO"));
+        assert_eq!(d["span"]["conn_id"], c["span"]["conn_id"], "same connection");
+        assert!(d["close_code"].as_u64().is_some(), "disconnect has the close code: {d}");
+        assert!(d["duration_ms"].as_u64().is_some(), "disconnect has the duration: {d}");
+    }
+    assert_eq!(of(&alice, "connected")[0]["span"]["conn_id"], json!(conn_a));
+    // Ten chat frames in and out: no info line per message, from any target.
+    let info_after_start: Vec<&Value> = lines
+        .iter()
+        .filter(|v| v["level"] == json!("INFO") && v["span"]["user_id"].is_string())
+        .filter(|v| !["connected", "disconnected"].contains(&v["message"].as_str().unwrap_or("")))
+        .collect();
+    assert!(info_after_start.is_empty(), "per-connection info lines besides connect/disconnect: {info_after_start:?}");
+}
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fanout"));
+    cmd.args(args);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("FANOUT_") {
+            cmd.env_remove(k);
+        }
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run fanout")
+}
+
+#[test]
+fn configuration_errors_exit_2_with_one_line_naming_the_flag() {
+    for (args, env, names) in [
+        (&["--mqtt-url", "http://broker:1883"][..], &[][..], "--mqtt-url"),
+        (&[][..], &[("FANOUT_MQTT_URL", "not a url")][..], "FANOUT_MQTT_URL"),
+        (&["--listen", "nowhere"][..], &[][..], "--listen"),
+        (&["--jwt-public-key", "/nonexistent/key.pem"][..], &[][..], "--jwt-public-key"),
+        (&["--api-key", "short"][..], &[][..], "--api-key"),
+        (&["--broker-timeout", "0s"][..], &[][..], "--broker-timeout"),
+        (&["serve", "--send-queue", "10"][..], &[][..], "--send-queue"),
+    ] {
+        let out = run(args, env);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?} {env:?}: {err}");
+        let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{args:?}: one line, got {err:?}");
+        assert!(lines[0].contains(names), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    // `token` and `check-token` validate the same settings.
+    let out = run(&["token", "alice", "--jwt-public-key", "/nonexistent/key.pem"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(&["check-token", "a.b.c", "--jwt-secret", ""], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_in_use_exits_1_with_a_clear_line() {
+    let m = Mosquitto::start();
+    let a = Instance::start(InstanceOpts::broker(&m)).await;
+    let out = run(&["--listen", &format!("127.0.0.1:{}", a.port), "--mqtt-url", &m.url(), "--jwt-secret", "s"], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.lines().any(|l| l.starts_with("fanout: cannot listen on --listen") && l.contains("in use")), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn check_token_explains_expiry_and_a_foreign_secret() {
+    // tests/auth.rs covers accept/reject exit codes; here: the reasons are specific.
+    let expired = token(SECRET, "alice", -3600, None);
+    let out = run(&["check-token", &expired, "--jwt-secret", SECRET], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(said.contains("rejected") && said.contains("expired"), "{said}");
+    let foreign = token("another-secret", "alice", 600, None);
+    let out = run(&["check-token", &foreign, "--jwt-secret", SECRET], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(said.contains("signature"), "{said}");
+    // The development secret (no flags) accepts what `fanout token` minted with it.
+    let minted = run(&["token", "dev-user", "--ttl", "5m"], &[]);
+    assert_eq!(minted.status.code(), Some(0));
+    let t = String::from_utf8_lossy(&minted.stdout).trim().to_string();
+    let out = run(&["check-token", &t], &[]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(said.contains("\"dev-user\"") && said.contains("broadcast scope: no"), "{said}");
+}
