@@ -131,6 +131,11 @@ impl OutboxRx {
     pub async fn recv_stamped(&mut self) -> Option<(Message, Instant)> {
         self.rx.recv().await
     }
+
+    /// The next queued frame if there is one, without waiting.
+    pub fn try_recv_stamped(&mut self) -> Option<(Message, Instant)> {
+        self.rx.try_recv().ok()
+    }
 }
 
 /// One registered connection.

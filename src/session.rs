@@ -20,7 +20,7 @@ use tracing::{debug, info, Instrument};
 use crate::auth::{unix_millis, unix_now, Identity};
 use crate::bus::Bus;
 use crate::config::Config;
-use crate::hub::{Added, ConnRef, Hub, Outbox};
+use crate::hub::{Added, ConnRef, Hub, Outbox, OutboxRx};
 use crate::metrics::{Drop, Metrics};
 use crate::wire::{self, close, ClientEvent, ErrorCode, Recipients, WireError};
 
@@ -73,18 +73,20 @@ enum End {
 }
 
 /// WebSocket settings of every session: small buffers (tungstenite's 128 KiB read buffer
-/// per socket would dominate memory per idle connection), inbound size limits, and frames
-/// written as soon as they are sent (each send is flushed anyway).
+/// per socket would dominate memory per idle connection), inbound size limits, and outbound
+/// frames gathered into batches of up to [`WRITE_BUFFER`] bytes, each batch flushed at once.
 pub fn ws_config(cfg: &Config) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(0)
+        .write_buffer_size(WRITE_BUFFER)
         .max_message_size(Some(cfg.max_message_bytes))
         .max_frame_size(Some(cfg.max_message_bytes))
 }
 
 /// Initial read buffer of a socket; it grows for larger frames.
 const READ_BUFFER: usize = 4096;
+/// Frames are gathered up to this many bytes before a socket write; every batch is flushed.
+const WRITE_BUFFER: usize = 8192;
 
 /// Completes the upgrade, then serves the socket for `id` until it closes.
 pub async fn serve(on_upgrade: OnUpgrade, id: Identity, sh: Arc<Shared>) {
@@ -167,8 +169,7 @@ async fn run(ws: Socket, id: Identity, conn_id: uuid::Uuid, sh: Arc<Shared>) {
                     // A write blocked on a peer that stopped reading must not hide the
                     // overflow: whatever is half-written stays buffered ahead of the close.
                     tokio::select! {
-                        r = send(&mut tx, m) => {
-                            sh.metrics.delivery_latency(queued_at);
+                        r = write_batch(&mut tx, (m, queued_at), &mut outbox_rx, &outbox, &sh.metrics) => {
                             r.err().map(|()| End::Gone)
                         }
                         _ = outbox.overflow.notified() => Some(slow_consumer()),
@@ -221,6 +222,53 @@ fn slow_consumer() -> End {
 fn leave(sh: &Shared, user: &str, conn_id: u128) {
     sh.hub.remove_with(user, conn_id, || sh.bus.unsubscribe_user(user));
     sh.metrics.set_users(sh.hub.users());
+}
+
+/// Most frames written before one flush.
+const MAX_BATCH: usize = 32;
+
+/// Writes `first` and whatever else is already queued (up to [`MAX_BATCH`]) with one flush,
+/// so a busy connection costs one socket write per batch rather than per frame.
+async fn write_batch<S>(
+    tx: &mut S,
+    first: (Message, std::time::Instant),
+    rx: &mut OutboxRx,
+    outbox: &Outbox,
+    metrics: &Metrics,
+) -> Result<(), ()>
+where
+    S: futures_util::Sink<Message, Error = tungstenite::Error> + Unpin,
+{
+    let mut stamps = [first.1; MAX_BATCH];
+    let write = async {
+        tx.feed(first.0).await?;
+        let mut n = 1;
+        while n < MAX_BATCH {
+            let Some((m, at)) = rx.try_recv_stamped() else { break };
+            outbox.taken(&m);
+            stamps[n] = at;
+            n += 1;
+            tx.feed(m).await?;
+        }
+        tx.flush().await?;
+        Ok::<usize, tungstenite::Error>(n)
+    };
+    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+        Ok(Ok(n)) => {
+            for at in &stamps[..n] {
+                metrics.delivery_latency(*at);
+            }
+            Ok(())
+        }
+        Ok(Err(e)) => {
+            debug!(error = %e, "write failed");
+            Err(())
+        }
+        Err(_) => {
+            info!("write timed out");
+            Err(())
+        }
+    }
 }
 
 async fn send<S>(tx: &mut S, m: Message) -> Result<(), ()>
