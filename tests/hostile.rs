@@ -1111,7 +1111,11 @@ async fn token_corpus_gets_401_or_is_accepted_as_specified() {
         }
     }
 
-    // Only the refusals that reached fanout were counted (414 is hyper's, before fanout).
+    // A header block beyond hyper's buffer (about 400 KB) never reaches fanout: 431, no upgrade.
+    let status = oversized_header_attempt(hs_inst.port, 1_000_000).await;
+    assert!(matches!(status, None | Some(431)), "1 MB Authorization header: status {status:?}");
+
+    // Only the refusals that reached fanout were counted (414 and 431 are hyper's).
     for (inst, n) in [(&hs_inst, refusals[0]), (&rs_inst, refusals[1])] {
         assert_eq!(inst.metric("fanout_auth_failures_total").await, Some(n as f64), "{}", inst.id);
         assert_eq!(http_get(inst.port, "/healthz").await.expect("GET /healthz").status, 200);
@@ -1134,7 +1138,38 @@ async fn token_corpus_gets_401_or_is_accepted_as_specified() {
         connects_before,
         "an instance reconnected to the broker"
     );
-    eprintln!("token corpus: {} cases, 401s {refusals:?}", cases.len());
+    eprintln!("token corpus: {} cases, 401s {refusals:?}, 1 MB header: {status:?}", cases.len());
+}
+
+/// An upgrade request with an `Authorization` header of `size` bytes. Returns the status of
+/// the response, or `None` when the server reset the connection instead (it may do so while
+/// the rest of the request is still unread); panics on a 101 or when no answer comes in 5 s.
+async fn oversized_header_attempt(port: u16, size: usize) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+    let req = format!(
+        "GET /entrypoint HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Authorization: Bearer {}\r\n\r\n",
+        "a".repeat(size)
+    );
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(RECV_TIMEOUT, async {
+        let _ = s.write_all(req.as_bytes()).await; // may fail once the server gave up
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .expect("no answer to an oversized header within 5 s");
+    let text = String::from_utf8_lossy(&head);
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok());
+    assert_ne!(status, Some(101), "upgraded despite a {size}-byte header: {text}");
+    status
 }
 
 fn rs(key: &EncodingKey, sub: &str) -> String {
