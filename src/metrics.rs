@@ -226,6 +226,20 @@ impl Metrics {
         ] {
             let _ = m.dropped.get_or_create(&ReasonLabel { reason: d.label() });
         }
+        {
+            use crate::wire::ErrorCode as E;
+            for c in [
+                E::BadJson,
+                E::UnknownEvent,
+                E::InvalidParticipant,
+                E::TooManyRecipients,
+                E::Forbidden,
+                E::RateLimited,
+                E::Unavailable,
+            ] {
+                let _ = m.client_errors.get_or_create(&CodeLabel { code: c.as_str() });
+            }
+        }
         for a in [ApiResult::Accepted, ApiResult::BadRequest, ApiResult::Unauthorized, ApiResult::Unavailable] {
             let _ = m.api_publish.get_or_create(&ResultLabel { result: a.label() });
         }
@@ -336,6 +350,7 @@ mod tests {
             "fanout_outbox_queued_bytes 0",
             "fanout_api_publish_requests_total{result=\"accepted\"} 0",
             "fanout_build_info{",
+            "fanout_client_errors_total{code=\"bad_json\"} 0",
         ] {
             assert!(text.contains(s), "missing {s} in\n{text}");
         }

@@ -140,3 +140,63 @@ fn check_token_explains_expiry_and_a_foreign_secret() {
     assert_eq!(out.status.code(), Some(0), "{said}");
     assert!(said.contains("\"dev-user\"") && said.contains("broadcast scope: no"), "{said}");
 }
+
+/// Metric family names (`# TYPE <name> <type>`) in OpenMetrics text; counters get `_total`.
+fn families(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_once(' '))
+        .map(|(name, ty)| if ty == "counter" { format!("{name}_total") } else { name.to_string() })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_doc_and_dashboard_match_the_served_metrics() {
+    let m = Mosquitto::start();
+    let a = Instance::start(InstanceOpts::broker(&m)).await;
+    let text = a.metrics().await;
+    let served = families(&text);
+    assert!(served.len() >= 20, "{served:?}");
+    let doc = include_str!("../docs/operations.md");
+    for f in &served {
+        assert!(doc.contains(&format!("`{f}")), "docs/operations.md does not describe {f}");
+    }
+    for reason in ["slow_consumer", "rate_limited", "unavailable", "duplicate", "no_local_user", "unknown_topic"] {
+        assert!(text.contains(&format!("fanout_dropped_total{{reason=\"{reason}\"}}")), "{reason} not served");
+        assert!(doc.contains(&format!("| `{reason}` |")), "docs/operations.md does not explain reason {reason}");
+    }
+    // Every series a dashboard query uses is served (histograms by their _bucket series).
+    let dash: Value = serde_json::from_str(include_str!("../dashboards/fanout.json")).expect("dashboard is JSON");
+    let mut exprs = Vec::new();
+    fn walk(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(o) => {
+                if let Some(Value::String(e)) = o.get("expr") {
+                    out.push(e.clone());
+                }
+                o.values().for_each(|x| walk(x, out));
+            }
+            Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+            _ => {}
+        }
+    }
+    walk(&dash, &mut exprs);
+    assert!(exprs.len() >= 20, "{exprs:?}");
+    let mut used = std::collections::BTreeSet::new();
+    for e in &exprs {
+        let mut rest = e.as_str();
+        while let Some(i) = rest.find("fanout_") {
+            let name: String = rest[i..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            rest = &rest[i + name.len()..];
+            used.insert(name);
+        }
+    }
+    for name in &used {
+        let family = name.trim_end_matches("_bucket");
+        let ok = served.iter().any(|f| f == name || f == family);
+        assert!(ok, "dashboard uses {name}, which /metrics does not serve");
+    }
+    for f in &served {
+        assert!(used.iter().any(|u| u.starts_with(f.as_str())), "dashboard does not show {f}");
+    }
+}
