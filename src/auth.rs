@@ -93,7 +93,7 @@ pub fn check_user_id(id: &str) -> Result<(), &'static str> {
 }
 
 /// U+FDD0..=U+FDEF and the last two code points of every plane.
-fn is_noncharacter(c: char) -> bool {
+pub fn is_noncharacter(c: char) -> bool {
     let c = c as u32;
     (0xFDD0..=0xFDEF).contains(&c) || c & 0xFFFE == 0xFFFE
 }

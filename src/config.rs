@@ -328,6 +328,11 @@ fn check_topic_part(s: &str, whole: bool) -> Result<(), String> {
     if s.starts_with('$') {
         return Err("must not start with $ (reserved for the broker)".into());
     }
+    // Mosquitto disconnects a client that publishes to such a topic: every publish would
+    // then cost a reconnect.
+    if s.chars().any(|c| c.is_control() || crate::auth::is_noncharacter(c)) {
+        return Err("must not contain control characters or Unicode noncharacters".into());
+    }
     Ok(())
 }
 
@@ -380,6 +385,8 @@ mod tests {
             (&["--jwt-secret", ""][..], "--jwt-secret"),
             (&["--topic-prefix", "a/#/"][..], "--topic-prefix"),
             (&["--instance-id", "a b"][..], "--instance-id"),
+            (&["--topic-prefix", "m\u{7}/"][..], "--topic-prefix"),
+            (&["--broadcast-topic", "all\u{FFFF}"][..], "--broadcast-topic"),
             (&["--rate-limit", "0"][..], "--rate-limit"),
         ] {
             let e = parse(args).unwrap_err().to_string();

@@ -153,7 +153,10 @@ async fn run(ws: Socket, id: Identity, conn_id: uuid::Uuid, sh: Arc<Shared>) {
     }
 
     let mut limiter = RateLimiter::new(sh.cfg.rate_limit, sh.cfg.rate_burst);
-    let expiry = tokio::time::Instant::now() + Duration::from_secs(id.expires_at.saturating_sub(unix_now()));
+    let now = tokio::time::Instant::now();
+    let lifetime = Duration::from_secs(id.expires_at.saturating_sub(unix_now()));
+    // `exp` is capped by auth; a far deadline still must not overflow the timer.
+    let expiry = now.checked_add(lifetime).unwrap_or(now + Duration::from_secs(100 * 365 * 24 * 3600));
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + sh.cfg.ping_interval, sh.cfg.ping_interval);
     let mut last_heard = Instant::now();
 
@@ -189,6 +192,11 @@ async fn run(ws: Socket, id: Identity, conn_id: uuid::Uuid, sh: Arc<Shared>) {
                 match m {
                     Some(Ok(m)) => on_message(&sh, &id, &mut limiter, &mut tx, m).await,
                     Some(Err(e)) if is_too_big(&e) => Some(End::Close(close::TOO_BIG, "message too big")),
+                    Some(Err(tungstenite::Error::Utf8(_))) => Some(End::Close(close::INVALID_DATA, "invalid UTF-8 in a text frame")),
+                    Some(Err(tungstenite::Error::Protocol(e))) => {
+                        debug!(error = %e, "protocol error");
+                        Some(End::Close(close::PROTOCOL_ERROR, "WebSocket protocol error"))
+                    }
                     Some(Err(e)) => {
                         debug!(error = %e, "socket error");
                         Some(End::Gone)
