@@ -52,13 +52,16 @@ impl ApiResult {
     }
 }
 
-/// Buckets of `fanout_delivery_latency_seconds`: 100 µs to 10 s.
-const DELIVERY_BUCKETS: [f64; 16] =
-    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
-/// Buckets of `fanout_publish_wait_seconds`: 10 µs (room at once) to 10 s (beyond any
+/// Buckets of `fanout_delivery_latency_seconds`: 20 µs to 10 s (on an idle loopback most
+/// frames take under 100 µs).
+const DELIVERY_BUCKETS: [f64; 18] = [
+    0.00002, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    10.0,
+];
+/// Buckets of `fanout_publish_wait_seconds`: 1 µs (room at once) to 10 s (beyond any
 /// sensible --broker-timeout).
-const PUBLISH_WAIT_BUCKETS: [f64; 14] =
-    [0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0];
+const PUBLISH_WAIT_BUCKETS: [f64; 16] =
+    [0.000001, 0.000005, 0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct InfoLabels {
