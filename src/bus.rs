@@ -414,8 +414,42 @@ impl Bus {
         let mut wiping = true;
         let mut ever_up = false;
         let mut down_since: Option<std::time::Instant> = None;
+        // After we wrote a DISCONNECT: wait (bounded) for the broker to close the connection
+        // before dropping it. Closing at once made Mosquitto 2.0 fail its PUBACK writes for
+        // publishes still in its read buffer and drop them ("disconnected due to out of
+        // memory", mosquitto#2627/#3253) — acked messages lost at shutdown.
+        let mut closing: Option<(tokio::time::Instant, AfterClose)> = None;
         loop {
-            match el.poll().await {
+            let polled = match closing {
+                Some((deadline, _)) => {
+                    tokio::time::timeout_at(deadline, el.poll()).await.unwrap_or(Err(ConnectionError::NetworkTimeout))
+                }
+                None => el.poll().await,
+            };
+            if let Some((_, next)) = closing {
+                match polled {
+                    Ok(ev) => self.on_event(ev),
+                    Err(_) => {
+                        closing = None;
+                        el.network = None;
+                        el.clean();
+                        match next {
+                            AfterClose::Persist => self.link_lost(&mut el, &mut stash),
+                            AfterClose::EndSession => {
+                                // End the persistent session with a clean reconnect.
+                                el.mqtt_options.set_clean_session(true);
+                                el.pending.clear();
+                            }
+                            AfterClose::Exit => {
+                                info!("broker session ended");
+                                break;
+                            }
+                        }
+                    }
+                }
+                continue;
+            }
+            match polled {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     backoff.reset();
                     if wiping {
@@ -443,26 +477,15 @@ impl Bus {
                     ever_up = true;
                 }
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => {
-                    if wiping {
+                    let next = if wiping {
                         wiping = false;
-                        el.network = None;
-                        el.clean();
-                        self.link_lost(&mut el, &mut stash);
-                        continue;
-                    }
-                    if self.stopping.load(Ordering::Acquire) {
-                        if !el.mqtt_options.clean_session() {
-                            // First DISCONNECT (everything before it is delivered, in order).
-                            // End the persistent session with a clean reconnect.
-                            el.mqtt_options.set_clean_session(true);
-                            el.network = None;
-                            el.clean();
-                            el.pending.clear();
-                            continue;
-                        }
-                        info!("broker session ended");
-                        break;
-                    }
+                        AfterClose::Persist
+                    } else if self.stopping.load(Ordering::Acquire) && !el.mqtt_options.clean_session() {
+                        AfterClose::EndSession
+                    } else {
+                        AfterClose::Exit
+                    };
+                    closing = Some((tokio::time::Instant::now() + CLOSE_WAIT, next));
                 }
                 Ok(ev) => self.on_event(ev),
                 Err(e) => {
@@ -504,6 +527,21 @@ impl Bus {
         }
     }
 }
+
+/// What to do once the broker closed the connection after our DISCONNECT.
+#[derive(Debug, Clone, Copy)]
+enum AfterClose {
+    /// The start-up wipe is done: connect again with a persistent session.
+    Persist,
+    /// Shutdown, first DISCONNECT (everything before it was processed, in order): remove the
+    /// persistent session with a clean reconnect.
+    EndSession,
+    /// Shutdown, session removed: stop.
+    Exit,
+}
+
+/// Longest wait for the broker to close the connection after our DISCONNECT.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Capped, jittered exponential backoff for reconnects (rumqttc has none).
 #[derive(Debug)]

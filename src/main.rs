@@ -131,7 +131,6 @@ fn serve(args: ServeArgs) -> ExitCode {
     match rt.block_on(fanout::server::serve(cfg, fanout::server::signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e}");
             eprintln!("fanout: {e}");
             ExitCode::FAILURE
         }

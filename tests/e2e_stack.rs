@@ -244,3 +244,83 @@ async fn a_dead_instance_is_skipped_by_nginx_without_failing_any_handshake() {
     first[0].chat_acked("u11", json!("after a crash"), "dead-1").await;
     assert_eq!(rest[10].expect_event("chat_message").await["message"], json!("after a crash"));
 }
+
+/// Spec §7 / issue 4 through the load balancer: SIGTERM an instance while its user is sending;
+/// the socket is closed with 1001, every message that instance acked reaches the recipient on
+/// the other instance, and the user reconnecting through nginx lands on the live instance and
+/// chats on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_through_nginx_closes_1001_loses_no_acked_message_and_clients_resume() {
+    let stack = Stack::up(2);
+    let mut alice = stack.connect(&token(SECRET, "alice", 3600, None)).await;
+    let a_inst = alice.connected["instanceId"].as_str().unwrap().to_string();
+    // bob must be on the other instance (nginx balances by least connections).
+    let mut bob = loop {
+        let c = stack.connect(&token(SECRET, "bob", 3600, None)).await;
+        if c.connected["instanceId"].as_str() != Some(a_inst.as_str()) {
+            break c;
+        }
+        drop(c);
+    };
+    let pid = std::fs::read_to_string(stack.dir().join(format!("fanout-{a_inst}.pid"))).expect("pid file");
+    let pid = pid.trim().to_string();
+    assert!(pid.parse::<u32>().is_ok_and(|p| p > 1), "pid file: {pid:?}");
+
+    // 30 messages back to back (within the default burst of 40); SIGTERM after the 15th.
+    for i in 0..30 {
+        let f = json!({"event": "send_chat_message_to_participant",
+            "data": {"participantId": "bob", "message": i, "clientMessageId": format!("m{i}")}});
+        if alice.ws.send(Message::text(f.to_string())).await.is_err() {
+            break;
+        }
+        if i == 15 {
+            let st = std::process::Command::new("kill").args(["-TERM", "--", &pid]).status().expect("kill");
+            assert!(st.success());
+        }
+    }
+    // alice sees acks (and perhaps errors) and then the 1001 close.
+    let mut acked: BTreeSet<String> = BTreeSet::new();
+    let close = loop {
+        match tokio::time::timeout(RECV_TIMEOUT, alice.ws.next()).await.expect("no close after SIGTERM") {
+            Some(Ok(Message::Text(t))) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                if v["event"] == json!("ack") {
+                    acked.insert(v["data"]["clientMessageId"].as_str().unwrap().to_string());
+                }
+            }
+            Some(Ok(Message::Close(f))) => break f.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => panic!("socket error before the close frame: {e}"),
+            None => panic!("stream ended without a close frame"),
+        }
+    };
+    assert_eq!(close, Some(1001), "close code when the instance shuts down");
+    assert!(!acked.is_empty(), "nothing was acked before the shutdown");
+    // The process exits within the bound (5 s for sessions + 5 s for the broker session).
+    let gone = std::time::Instant::now() + Duration::from_secs(12);
+    while std::path::Path::new(&format!("/proc/{pid}/stat")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z")
+    {
+        assert!(std::time::Instant::now() < gone, "instance {a_inst} still running 12 s after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Every acked message reached bob, once.
+    let mut got: BTreeMap<String, usize> = BTreeMap::new();
+    while got.keys().filter(|k| acked.contains(*k)).count() < acked.len() {
+        let d = bob.expect_event("chat_message").await;
+        *got.entry(d["clientMessageId"].as_str().unwrap().to_string()).or_default() += 1;
+    }
+    assert!(got.values().all(|&n| n == 1), "a message reached bob twice: {got:?}");
+    // alice reconnects through nginx: she lands on the live instance and chats on.
+    let mut alice2 = stack.connect(&token(SECRET, "alice", 3600, None)).await;
+    assert_ne!(alice2.connected["instanceId"].as_str(), Some(a_inst.as_str()));
+    alice2.chat_acked("bob", json!("back"), "back-1").await;
+    loop {
+        let d = bob.expect_event("chat_message").await;
+        if d["clientMessageId"] == json!("back-1") {
+            break;
+        }
+    }
+    bob.chat_acked("alice", json!("welcome back"), "wb-1").await;
+    assert_eq!(alice2.expect_event("chat_message").await["message"], json!("welcome back"));
+}

@@ -114,7 +114,9 @@ async fn a_port_in_use_exits_1_with_a_clear_line() {
     let out = run(&["--listen", &format!("127.0.0.1:{}", a.port), "--mqtt-url", &m.url(), "--jwt-secret", "s"], &[]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.lines().any(|l| l.starts_with("fanout: cannot listen on --listen") && l.contains("in use")), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line, not {}: {err}", lines.len());
+    assert!(lines[0].starts_with("fanout: cannot listen on --listen") && lines[0].contains("in use"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
 
