@@ -261,13 +261,18 @@ where
         tx.flush().await?;
         Ok::<usize, tungstenite::Error>(n)
     };
+    let n = with_deadline(write).await?;
+    for at in &stamps[..n] {
+        metrics.delivery_latency(*at);
+    }
+    Ok(())
+}
+
+/// Runs one socket write with [`WRITE_TIMEOUT`]; a failure or timeout is logged and means
+/// the peer is gone.
+async fn with_deadline<T>(write: impl std::future::Future<Output = Result<T, tungstenite::Error>>) -> Result<T, ()> {
     match tokio::time::timeout(WRITE_TIMEOUT, write).await {
-        Ok(Ok(n)) => {
-            for at in &stamps[..n] {
-                metrics.delivery_latency(*at);
-            }
-            Ok(())
-        }
+        Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => {
             debug!(error = %e, "write failed");
             Err(())
@@ -283,17 +288,7 @@ async fn send<S>(tx: &mut S, m: Message) -> Result<(), ()>
 where
     S: futures_util::Sink<Message, Error = tungstenite::Error> + Unpin,
 {
-    match tokio::time::timeout(WRITE_TIMEOUT, tx.send(m)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => {
-            debug!(error = %e, "write failed");
-            Err(())
-        }
-        Err(_) => {
-            info!("write timed out");
-            Err(())
-        }
-    }
+    with_deadline(tx.send(m)).await
 }
 
 fn is_too_big(e: &tungstenite::Error) -> bool {
