@@ -90,6 +90,11 @@ pub struct ServeArgs {
     #[arg(long, env = "FANOUT_PUBLISH_QUEUE", default_value_t = 4096)]
     pub publish_queue: usize,
 
+    /// Threads that run connections; 0 = one per CPU core. Several instances sharing a host
+    /// do best with cores / instances each (fewer threads to wake per message).
+    #[arg(long, env = "FANOUT_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
+
     /// Enables POST /api/publish with this bearer key.
     #[arg(long, env = "FANOUT_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -146,6 +151,8 @@ pub struct Config {
     pub max_connections_per_user: usize,
     /// Capacity of the request queue toward the broker.
     pub publish_queue: usize,
+    /// Runtime worker threads; 0 = one per core.
+    pub worker_threads: usize,
     /// Server ping interval; a peer silent for `idle_timeout` is dropped.
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
@@ -255,6 +262,9 @@ impl ServeArgs {
         if !(16..=1_000_000).contains(&self.publish_queue) {
             return Err(bad("--publish-queue", "FANOUT_PUBLISH_QUEUE", "must be between 16 and 1000000"));
         }
+        if self.worker_threads > 1024 {
+            return Err(bad("--worker-threads", "FANOUT_WORKER_THREADS", "must be between 0 (one per core) and 1024"));
+        }
         if matches!(&self.api_key, Some(k) if k.len() < 16) {
             return Err(bad("--api-key", "FANOUT_API_KEY", "must be at least 16 characters"));
         }
@@ -276,6 +286,7 @@ impl ServeArgs {
             max_connections: self.max_connections,
             max_connections_per_user: self.max_connections_per_user,
             publish_queue: self.publish_queue,
+            worker_threads: self.worker_threads,
             ping_interval: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(60),
             broker_wait: self.broker_timeout,

@@ -121,7 +121,11 @@ fn serve(args: ServeArgs) -> ExitCode {
         Err(e) => return config_error(e),
     };
     init_tracing(cfg.log_format);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if cfg.worker_threads > 0 {
+        builder.worker_threads(cfg.worker_threads);
+    }
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("fanout: cannot start the runtime: {e}");

@@ -159,23 +159,30 @@ async fn run(ws: Socket, id: Identity, conn_id: uuid::Uuid, sh: Arc<Shared>) {
     let expiry = now.checked_add(lifetime).unwrap_or(now + Duration::from_secs(100 * 365 * 24 * 3600));
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + sh.cfg.ping_interval, sh.cfg.ping_interval);
     let mut last_heard = Instant::now();
+    // Created once, not per loop turn: a fresh timer or waiter list entry per frame would
+    // be registered and removed again every time another branch wins.
+    let shutdown = sh.shutdown.cancelled();
+    let expired = tokio::time::sleep_until(expiry);
+    let overflow = outbox.overflow.notified();
+    tokio::pin!(shutdown, expired, overflow);
 
     while end.is_none() {
         let step = tokio::select! {
             biased;
-            _ = sh.shutdown.cancelled() => Some(End::Close(close::GOING_AWAY, "instance shutting down")),
-            _ = tokio::time::sleep_until(expiry) => Some(End::Close(close::TOKEN_EXPIRED, "token expired")),
-            _ = outbox.overflow.notified() => Some(slow_consumer()),
+            _ = &mut shutdown => Some(End::Close(close::GOING_AWAY, "instance shutting down")),
+            _ = &mut expired => Some(End::Close(close::TOKEN_EXPIRED, "token expired")),
+            _ = &mut overflow => Some(slow_consumer()),
             m = outbox_rx.recv_stamped() => match m {
                 Some((m, queued_at)) => {
                     outbox.taken(&m);
                     // A write blocked on a peer that stopped reading must not hide the
                     // overflow: whatever is half-written stays buffered ahead of the close.
+                    // The same waiter as above: a second one would not get `notify_one`.
                     tokio::select! {
                         r = write_batch(&mut tx, (m, queued_at), &mut outbox_rx, &outbox, &sh.metrics) => {
                             r.err().map(|()| End::Gone)
                         }
-                        _ = outbox.overflow.notified() => Some(slow_consumer()),
+                        _ = &mut overflow => Some(slow_consumer()),
                     }
                 }
                 None => Some(End::Gone),

@@ -91,6 +91,7 @@ fn configuration_errors_exit_2_with_one_line_naming_the_flag() {
         (&["--api-key", "short"][..], &[][..], "--api-key"),
         (&["--broker-timeout", "0s"][..], &[][..], "--broker-timeout"),
         (&["serve", "--send-queue", "10"][..], &[][..], "--send-queue"),
+        (&["--worker-threads", "5000"][..], &[][..], "--worker-threads"),
     ] {
         let out = run(args, env);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -105,6 +106,31 @@ fn configuration_errors_exit_2_with_one_line_naming_the_flag() {
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
     let out = run(&["check-token", "a.b.c", "--jwt-secret", ""], &[]);
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn threads_of(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
+    let line = status.lines().find(|l| l.starts_with("Threads:")).expect("Threads line");
+    line["Threads:".len()..].trim().parse().expect("thread count")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_threads_sets_the_runtime_size_and_one_thread_serves_chat() {
+    let m = Mosquitto::start();
+    let (one, six) = tokio::join!(
+        Instance::start(InstanceOpts::broker(&m).arg("--worker-threads").arg("1")),
+        Instance::start(InstanceOpts::broker(&m).arg("--worker-threads").arg("6")),
+    );
+    // Worker threads are started with the runtime; blocking-pool threads come and go.
+    let (t1, t6) = (threads_of(one.pid()), threads_of(six.pid()));
+    assert!(t6 >= t1 + 5, "--worker-threads 6 has {t6} threads, --worker-threads 1 has {t1}");
+    let mut alice = one.connect("alice").await;
+    let mut bob = six.connect("bob").await;
+    let mut carol = one.connect("carol").await;
+    alice.chat_acked("bob", json!("to six"), "w-1").await;
+    assert_eq!(bob.expect_event("chat_message").await["message"], json!("to six"));
+    bob.chat_acked("carol", json!("to one"), "w-2").await;
+    assert_eq!(carol.expect_event("chat_message").await["message"], json!("to one"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -102,7 +102,7 @@ struct Cli {
     /// HS256 secret for the instances and the tokens (default: random)
     #[arg(long)]
     jwt_secret: Option<String>,
-    /// TOKIO_WORKER_THREADS for the instances (default: tokio's default, one per core)
+    /// --worker-threads of the instances (default: one per core)
     #[arg(long)]
     instance_threads: Option<usize>,
     /// fanout binary under test (default: `fanout` next to this executable)

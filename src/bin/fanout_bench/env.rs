@@ -116,11 +116,11 @@ pub async fn start_instances(
         let id = format!("bench-{i}");
         let log = std::fs::File::create(dir.join(format!("{id}.log"))).map_err(|e| e.to_string())?;
         let mut cmd = Command::new(bin);
+        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")]);
         if let Some(t) = threads {
-            cmd.env("TOKIO_WORKER_THREADS", t.to_string());
+            cmd.args(["--worker-threads", &t.to_string()]);
         }
         let child = cmd
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
             .args(["--mqtt-url", &format!("mqtt://127.0.0.1:{broker_port}")])
             .args(["--instance-id", &id, "--jwt-secret", secret])
             .args(["--rate-limit", "100000", "--rate-burst", "100000"])
