@@ -112,6 +112,10 @@ fn close_frame(code: u16, reason: &'static str) -> Message {
     Message::Close(Some(CloseFrame { code: CloseCode::from(code), reason: reason.into() }))
 }
 
+/// Every socket write, the client-frame handler and the confirmation wait are boxed: a
+/// future's size is that of its largest await point, and this one lives as long as the
+/// connection, so an idle connection would otherwise carry ~1 KiB of write-path state
+/// (measured: 2,448 → see `docs/benchmarks.md`) for one allocation per write.
 async fn run(ws: Socket, id: Identity, conn_id: uuid::Uuid, sh: Arc<Shared>) {
     let started = Instant::now();
     let (mut tx, mut rx) = ws.split();
@@ -127,7 +131,7 @@ async fn run(ws: Socket, id: Identity, conn_id: uuid::Uuid, sh: Arc<Shared>) {
         None => sh.bus.wait_user(user),
     };
     let ok = tokio::select! {
-        r = tokio::time::timeout(sh.cfg.broker_wait, confirmed) => matches!(r, Ok(Ok(true))),
+        r = Box::pin(tokio::time::timeout(sh.cfg.broker_wait, confirmed)) => matches!(r, Ok(Ok(true))),
         _ = sh.shutdown.cancelled() => false,
     };
     if !ok {
@@ -137,13 +141,13 @@ async fn run(ws: Socket, id: Identity, conn_id: uuid::Uuid, sh: Arc<Shared>) {
             (close::TRY_AGAIN_LATER, "broker unavailable, try again later")
         };
         info!(first = added == Added::First, code, "refused: subscription not confirmed");
-        let _ = tokio::time::timeout(WRITE_TIMEOUT, tx.send(close_frame(code, why))).await;
+        let _ = Box::pin(tokio::time::timeout(WRITE_TIMEOUT, tx.send(close_frame(code, why)))).await;
         leave(&sh, user, conn_id.as_u128());
         return;
     }
 
     let hello = wire::connected(user, &conn_id.to_string(), &sh.cfg.instance_id, id.expires_at);
-    let mut end = match send(&mut tx, Message::text(hello)).await {
+    let mut end = match Box::pin(send(&mut tx, Message::text(hello))).await {
         Ok(()) => None,
         Err(()) => Some(End::Gone),
     };
@@ -179,7 +183,7 @@ async fn run(ws: Socket, id: Identity, conn_id: uuid::Uuid, sh: Arc<Shared>) {
                     // overflow: whatever is half-written stays buffered ahead of the close.
                     // The same waiter as above: a second one would not get `notify_one`.
                     tokio::select! {
-                        r = write_batch(&mut tx, (m, queued_at), &mut outbox_rx, &outbox, &sh.metrics) => {
+                        r = Box::pin(write_batch(&mut tx, (m, queued_at), &mut outbox_rx, &outbox, &sh.metrics)) => {
                             r.err().map(|()| End::Gone)
                         }
                         _ = &mut overflow => Some(slow_consumer()),
@@ -191,13 +195,13 @@ async fn run(ws: Socket, id: Identity, conn_id: uuid::Uuid, sh: Arc<Shared>) {
                 if last_heard.elapsed() > sh.cfg.idle_timeout {
                     Some(End::Close(close::GOING_AWAY, "idle timeout"))
                 } else {
-                    send(&mut tx, Message::Ping(Bytes::new())).await.err().map(|()| End::Gone)
+                    Box::pin(send(&mut tx, Message::Ping(Bytes::new()))).await.err().map(|()| End::Gone)
                 }
             }
             m = rx.next() => {
                 last_heard = Instant::now();
                 match m {
-                    Some(Ok(m)) => on_message(&sh, &id, &mut limiter, &mut tx, m).await,
+                    Some(Ok(m)) => Box::pin(on_message(&sh, &id, &mut limiter, &mut tx, m)).await,
                     Some(Err(e)) if is_too_big(&e) => Some(End::Close(close::TOO_BIG, "message too big")),
                     Some(Err(tungstenite::Error::Utf8(_))) => Some(End::Close(close::INVALID_DATA, "invalid UTF-8 in a text frame")),
                     Some(Err(tungstenite::Error::Protocol(e))) => {
@@ -220,7 +224,7 @@ async fn run(ws: Socket, id: Identity, conn_id: uuid::Uuid, sh: Arc<Shared>) {
             if code == close::SLOW_CONSUMER {
                 sh.metrics.slow_consumer();
             }
-            let _ = tokio::time::timeout(WRITE_TIMEOUT, tx.send(close_frame(code, why))).await;
+            let _ = Box::pin(tokio::time::timeout(WRITE_TIMEOUT, tx.send(close_frame(code, why)))).await;
             code
         }
         _ => close::NORMAL,
