@@ -212,8 +212,9 @@ impl Gateway {
     ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone + Send + Sync + 'static {
         let ws_path = self.shared.cfg.ws_path.clone();
         let g = self.clone();
-        let ws = warp::get()
-            .and(warp::path::full())
+        // Every route matches its path before its method: a path nobody serves is 404 for
+        // every method, a served path with another method is 405.
+        let ws = warp::path::full()
             .and_then(move |p: FullPath| {
                 let ok = p.as_str() == ws_path;
                 async move {
@@ -225,20 +226,20 @@ impl Gateway {
                 }
             })
             .untuple_one()
+            .and(warp::get())
             .and(warp::header::headers_cloned())
             .and(warp::query::raw().or(warp::any().map(String::new)).unify())
             .and(warp::ext::optional::<OnUpgrade>())
             .map(move |h: HeaderMap, q: String, up: Option<OnUpgrade>| g.upgrade(h, q, up));
-        let healthz = warp::get()
-            .and(warp::path("healthz"))
+        let healthz = warp::path("healthz")
             .and(warp::path::end())
+            .and(warp::get())
             .map(|| json_response(StatusCode::OK, serde_json::json!({"status": "ok"})));
         let g = self.clone();
-        let readyz = warp::get().and(warp::path("readyz")).and(warp::path::end()).map(move || g.readyz());
+        let readyz = warp::path("readyz").and(warp::path::end()).and(warp::get()).map(move || g.readyz());
         let g = self.clone();
-        let metrics = warp::get().and(warp::path("metrics")).and(warp::path::end()).map(move || g.metrics());
+        let metrics = warp::path("metrics").and(warp::path::end()).and(warp::get()).map(move || g.metrics());
         let g = self.clone();
-        // Path before method: an unknown path must stay 404, not become 405.
         let publish = warp::path!("api" / "publish")
             .and(warp::post())
             .and(warp::header::headers_cloned())
@@ -247,14 +248,14 @@ impl Gateway {
                 let g = g.clone();
                 async move { crate::api::publish(&g.shared, g.draining.load(Ordering::Acquire), headers, body).await }
             });
-        let openapi = warp::get().and(warp::path!("api" / "openapi.json")).map(|| {
+        let openapi = warp::path!("api" / "openapi.json").and(warp::get()).map(|| {
             let mut r = Response::new(OPENAPI_JSON.into());
             r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
             r
         });
         let dev = matches!(self.shared.cfg.auth, AuthMode::Secret { dev: true, .. });
         let page = page_html(&self.shared.cfg.ws_path, dev);
-        let index = warp::get().and(warp::path::end()).map(move || {
+        let index = warp::path::end().and(warp::get()).map(move || {
             let mut r = Response::new(page.clone().into());
             let h = r.headers_mut();
             h.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/html; charset=utf-8"));
