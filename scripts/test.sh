@@ -34,6 +34,11 @@ echo "test.sh: cargo fmt --check"
 cargo fmt --check
 echo "test.sh: cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
+# The fuzz targets are their own workspace: formatted and linted too, without linking
+# libFuzzer (its C++ build and nightly flags are only needed to run them).
+echo "test.sh: fuzz targets: cargo fmt --check, cargo clippy"
+cargo fmt --check --manifest-path fuzz/Cargo.toml
+cargo clippy --manifest-path fuzz/Cargo.toml --no-default-features --all-targets -- -D warnings
 echo "test.sh: cargo test --release --all-targets --no-fail-fast"
 cargo test --release --all-targets --no-fail-fast
 # The benchmark tool keeps working: a tiny run of every scenario (well under 20 s) against its
