@@ -108,8 +108,13 @@ pub async fn serve(on_upgrade: OnUpgrade, id: Identity, sh: Arc<Shared>) {
 
 type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
-fn close_frame(code: u16, reason: &'static str) -> Message {
-    Message::Close(Some(CloseFrame { code: CloseCode::from(code), reason: reason.into() }))
+/// Sends a close frame, best effort: the connection ends whether or not it got out.
+async fn send_close<S>(tx: &mut S, code: u16, reason: &'static str)
+where
+    S: futures_util::Sink<Message, Error = tungstenite::Error> + Unpin,
+{
+    let frame = Message::Close(Some(CloseFrame { code: CloseCode::from(code), reason: reason.into() }));
+    let _ = tokio::time::timeout(WRITE_TIMEOUT, tx.send(frame)).await;
 }
 
 /// Every socket write, the client-frame handler and the confirmation wait are boxed: a
@@ -141,7 +146,7 @@ async fn run(ws: Socket, id: Identity, conn_id: uuid::Uuid, sh: Arc<Shared>) {
             (close::TRY_AGAIN_LATER, "broker unavailable, try again later")
         };
         info!(first = added == Added::First, code, "refused: subscription not confirmed");
-        let _ = Box::pin(tokio::time::timeout(WRITE_TIMEOUT, tx.send(close_frame(code, why)))).await;
+        Box::pin(send_close(&mut tx, code, why)).await;
         leave(&sh, user, conn_id.as_u128());
         return;
     }
@@ -224,7 +229,7 @@ async fn run(ws: Socket, id: Identity, conn_id: uuid::Uuid, sh: Arc<Shared>) {
             if code == close::SLOW_CONSUMER {
                 sh.metrics.slow_consumer();
             }
-            let _ = Box::pin(tokio::time::timeout(WRITE_TIMEOUT, tx.send(close_frame(code, why)))).await;
+            Box::pin(send_close(&mut tx, code, why)).await;
             code
         }
         _ => close::NORMAL,
