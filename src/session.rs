@@ -346,7 +346,7 @@ async fn handle_text(sh: &Shared, id: &Identity, limiter: &mut RateLimiter, text
         return reject(sh, e);
     }
     sh.metrics.ws_message_in();
-    let msg_id = uuid::Uuid::new_v4().to_string();
+    let msg_id = wire::message_id(&id.user_id, cmid.as_deref()).to_string();
     let payload = Bytes::from(wire::chat_message(&msg_id, &id.user_id, &to, message, unix_millis(), cmid.as_deref()));
     let topics: Vec<String> = match &to {
         Recipients::One(u) => vec![sh.bus.user_topic(u)],

@@ -328,6 +328,21 @@ pub fn connected(user_id: &str, connection_id: &str, instance_id: &str, expires_
 
 pub const PONG: &str = r#"{"event":"pong","data":{}}"#;
 
+/// Namespace of the name-based (v5) ids of messages that carry a `clientMessageId`.
+const MESSAGE_ID_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6f1e_9a4c_3b2d_4e8f_a1c0_5d7e_2b94_c613);
+
+/// The envelope `id` of a message from `sender`. With a `clientMessageId` it is derived from
+/// (sender, clientMessageId) — a name-based UUID (v5) — so a resend after a lost ack carries
+/// the same id and the recipients' duplicate filters drop the copy; a `clientMessageId` must
+/// therefore be unique per sender. Without one the id is random (v4).
+pub fn message_id(sender: &str, client_message_id: Option<&str>) -> uuid::Uuid {
+    match client_message_id {
+        // A user id never holds a control character, so NUL separates the two unambiguously.
+        Some(c) => uuid::Uuid::new_v5(&MESSAGE_ID_NAMESPACE, format!("{sender}\0{c}").as_bytes()),
+        None => uuid::Uuid::new_v4(),
+    }
+}
+
 /// Reads the message id from the start of a `chat_message` envelope made by [`chat_message`]
 /// (`{"event":"chat_message","data":{"id":"<uuid>",…`) without parsing the rest. Payloads of
 /// any other shape (for example injected with `mosquitto_pub`) give `None`: they are not
@@ -441,6 +456,20 @@ mod tests {
             _ => panic!(),
         }
         assert_eq!(err(&deep).code, ErrorCode::BadJson);
+    }
+
+    #[test]
+    fn client_message_id_gives_a_stable_id_per_sender() {
+        let a = message_id("alice", Some("c-1"));
+        assert_eq!(a, message_id("alice", Some("c-1")), "a resend must carry the same id");
+        assert_eq!(a.get_version_num(), 5);
+        assert_ne!(a, message_id("alice", Some("c-2")));
+        assert_ne!(a, message_id("bob", Some("c-1")), "two senders may use the same clientMessageId");
+        // The separator keeps (sender, id) pairs apart that would concatenate alike.
+        assert_ne!(message_id("ab", Some("c")), message_id("a", Some("bc")));
+        let r = message_id("alice", None);
+        assert_eq!(r.get_version_num(), 4);
+        assert_ne!(r, message_id("alice", None));
     }
 
     #[test]

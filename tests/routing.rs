@@ -196,3 +196,38 @@ async fn ping_gets_pong() {
     let v = c.recv_json().await;
     assert_eq!(v, json!({"event": "pong", "data": {}}));
 }
+
+/// A client whose ack was lost resends with the same `clientMessageId` (here after
+/// reconnecting through another instance): the envelope id is derived from (sender,
+/// clientMessageId), so both sends carry one id and the recipient's instance drops the copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resend_with_the_same_client_message_id_is_delivered_once() {
+    let m = Mosquitto::start();
+    let (a, b) = tokio::join!(Instance::start(InstanceOpts::broker(&m)), Instance::start(InstanceOpts::broker(&m)));
+    let (alice_id, bob_id) = (unique("alice-"), unique("bob-"));
+    let mut bob = b.connect(&bob_id).await;
+    let mut alice = a.connect(&alice_id).await;
+    let first = alice.chat_acked(&bob_id, json!("hi"), "c-1").await;
+    let got = bob.expect_event("chat_message").await;
+    assert_eq!(got["id"], first["id"]);
+    alice.close().await;
+
+    let mut alice = b.connect(&alice_id).await;
+    let second = alice.chat_acked(&bob_id, json!("hi"), "c-1").await;
+    assert_eq!(second["id"], first["id"], "a resend must carry the first send's id");
+    // Another sender's c-1 is a different message.
+    let mut carol = a.connect(&unique("carol-")).await;
+    let other = carol.chat_acked(&bob_id, json!("hello"), "c-1").await;
+    assert_ne!(other["id"], first["id"]);
+    let got = bob.expect_event("chat_message").await;
+    assert_eq!(got["id"], other["id"], "the resent copy reached bob again: {got}");
+    // Messages from alice to bob arrive in order, so a copy would have come before this one.
+    alice.chat_acked(&bob_id, json!("next"), "c-2").await;
+    let got = bob.expect_event("chat_message").await;
+    assert_eq!(got["clientMessageId"], json!("c-2"), "expected c-2, got {got}");
+    assert_eq!(
+        b.metric_or_zero("fanout_dropped_total{reason=\"duplicate\"}").await,
+        1.0,
+        "the instance holding bob dropped exactly the one copy"
+    );
+}
