@@ -2,8 +2,8 @@
 //! MQTT, and the development token route `POST /dev/token`.
 //!
 //! A publish builds the same envelope as a chat frame from a WebSocket ([`wire::chat_message`])
-//! and hands it to the broker the same way ([`crate::bus::Bus::publish`], once per recipient
-//! topic), so recipients cannot tell the two apart except by `from`. The key is compared in
+//! and hands it to the broker the same way ([`crate::bus::Bus::publish`]: one publish per
+//! recipient topic, all or nothing), so recipients cannot tell the two apart except by `from`. The key is compared in
 //! constant time; the body is capped at `--max-message-bytes`, like an inbound frame.
 
 use bytes::{Buf, BytesMut};
@@ -190,17 +190,8 @@ where
     // Exactly the WebSocket path (session.rs): one envelope, published once per topic.
     let msg_id = uuid::Uuid::new_v4().to_string();
     let payload = bytes::Bytes::from(wire::chat_message(&msg_id, &p.from, &p.to, p.message, unix_millis(), None));
-    let topics: Vec<String> = match &p.to {
-        Recipients::One(u) => vec![sh.bus.user_topic(u)],
-        Recipients::Many(v) => v.iter().map(|u| sh.bus.user_topic(u)).collect(),
-        Recipients::All => vec![sh.cfg.broadcast_topic.clone()],
-    };
-    for t in topics {
-        if sh.bus.publish(t, payload.clone()).await.is_err() {
-            return unavailable(
-                "the broker did not accept the message in time; recipients earlier in \"to\" may have it",
-            );
-        }
+    if sh.bus.publish(&sh.bus.topics(&p.to), payload).await.is_err() {
+        return unavailable("the broker did not accept the message in time; it was not sent");
     }
     m.api_publish(ApiResult::Accepted);
     tracing::debug!(id = %msg_id, from = %p.from, "published through the API");

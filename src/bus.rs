@@ -1,29 +1,33 @@
 //! The MQTT side: one rumqttc connection per instance.
 //!
+//! The bus is two parts. [`state`] is pure: the subscription ledger and the outbound window.
+//! This file is the link task, with an explicit [`Phase`], and the API sessions and the publish
+//! route call. Under one lock ([`Bus::state`]) the two never disagree.
+//!
 //! * **Subscriptions.** The bus keeps the set of topics it wants (user topics of local
 //!   connections + the broadcast topic). rumqttc remembers none of them across a session-less
 //!   reconnect, so on every ConnAck the bus subscribes to all of them again, ahead of anything
-//!   else. A topic is *confirmed* when the SUBACK of a SUBSCRIBE sent for its current
-//!   generation arrives; sessions wait for that before sending `connected`, and `/readyz` is
-//!   200 only while every wanted topic is confirmed.
-//! * **Matching SUBACKs.** rumqttc gives no per-request future. Subscribe requests are sent
-//!   under the bus lock and recorded in `requested` in channel order; the event loop reports
-//!   `Outgoing::Subscribe(pkid)` in the same order, which moves the entry to `inflight[pkid]`,
-//!   and the SUBACK with that pkid confirms it. When the link drops, requests that never got
-//!   out are taken back out of rumqttc's `pending` list and their entries dropped, so the two
-//!   orders never drift apart.
+//!   else. Sessions wait for a topic's SUBACK before sending `connected`; `/readyz` is 200 while
+//!   the link is up and that resubscription is complete (a new user's first SUBSCRIBE does not
+//!   count). A SUBSCRIBE or UNSUBSCRIBE that finds the request channel full is retried on the
+//!   next event, not only at the next reconnect.
+//! * **Publishes are owned by the bus until the broker's PUBACK.** An accepted publish (what an
+//!   `ack` promises) waits in the bus's own queue, bounded in bytes (`--publish-queue-bytes`;
+//!   a sender waits at most `--broker-timeout` for room, then gets `unavailable`). At most
+//!   [`WINDOW`] are given to rumqttc at once, so its flow control always holds (pitfall 34).
+//!   When the link drops, the unacknowledged ones go back to the front of the queue in the order
+//!   they were accepted and are sent again after the reconnect — across any number of failures,
+//!   also when the broker lost the session.
 //! * **Persistent session.** The client id is `fanout-<instance-id>`. The first connect is
 //!   clean (it wipes a session left by an earlier process with the same id), then the bus
-//!   reconnects with `clean_session = false`, so during a broker-link outage the broker
-//!   queues what arrives for this instance's users. On shutdown the session is ended by a
-//!   clean reconnect, so no session of a stopped instance stays on the broker.
-//! * **Nothing acked is dropped.** Publishes that were in flight or queued when the link
-//!   dropped are retransmitted after reconnect, also when the broker lost the session
-//!   (rumqttc would otherwise discard them).
-//! * **Never blocks the loop.** The event loop task never awaits the client; other tasks
-//!   publish with a bounded wait and get [`BusError::Unavailable`] after it.
+//!   reconnects with `clean_session = false`, so during a broker-link outage the broker queues
+//!   what arrives for this instance's users. On shutdown everything accepted is sent first (also
+//!   if the link drops and returns meanwhile), then the session is ended by a clean reconnect.
+//! * **Never blocks the loop.** The event loop task never awaits the client; every request is
+//!   `try_*`, and other tasks wait only on the bounded publish queue.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+mod state;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,23 +35,34 @@ use std::time::Duration;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use rumqttc::{
-    AsyncClient, ConnectionError, Disconnect, Event, EventLoop, Incoming, MqttOptions, NetworkOptions, Outgoing,
-    Packet, Publish, QoS, Request, Subscribe, SubscribeFilter, SubscribeReasonCode, Unsubscribe,
+    AsyncClient, Disconnect, Event, EventLoop, Incoming, MqttOptions, NetworkOptions, Outgoing, Packet, Publish,
+    Request, Subscribe, SubscribeFilter, Unsubscribe,
 };
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify, Semaphore, TryAcquireError};
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+pub use state::{cost, ENTRY_OVERHEAD};
+use state::{Outbound, Subs, CHUNK, QOS};
+
 use crate::config::{BrokerTarget, Config};
 use crate::hub::Hub;
 use crate::metrics::{Drop, Metrics};
-use crate::wire;
+use crate::wire::{self, Recipients};
 
-/// Topics per SUBSCRIBE when resubscribing (keeps each packet far below packet limits).
-const RESUBSCRIBE_CHUNK: usize = 64;
 /// Room for the envelope around the client's frame in a publish.
 pub const ENVELOPE_SLACK: usize = 8 * 1024;
+/// Most publishes given to rumqttc at once (written or waiting to be, not yet acknowledged).
+/// At 16,000 msg/s on loopback a handful are out; across a 100 ms link this allows ~5,000/s.
+pub const WINDOW: usize = 512;
+/// rumqttc's in-flight limit, which is also the range its packet ids cycle through. Larger than
+/// [`WINDOW`] so SUBSCRIBEs (which take packet ids too) rarely bring a publish's id round again
+/// while it is in flight; if one does, rumqttc holds it back until the id is free (no loss).
+const RUMQTTC_INFLIGHT: u16 = 4096;
+/// Capacity of rumqttc's request channel: the window plus subscribe/unsubscribe bursts.
+const REQUEST_CHANNEL: usize = WINDOW + 4096;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BusError {
@@ -55,55 +70,61 @@ pub enum BusError {
     Unavailable,
 }
 
+/// Everything the lock guards.
 #[derive(Debug)]
-struct TopicState {
-    generation: u64,
-    confirmed: bool,
-    waiters: Vec<oneshot::Sender<bool>>,
+struct State {
+    subs: Subs,
+    out: Outbound,
+    /// True in [`Phase::Up`]: requests may go into rumqttc's channel.
+    up: bool,
+    /// [`Bus::stop`] was called: no new publishes; DISCONNECT once `out` is empty.
+    stopping: bool,
+    stop_deadline: Option<Instant>,
+    disconnect_sent: bool,
 }
 
-#[derive(Debug, Default)]
-struct Subs {
-    wanted: HashMap<String, TopicState>,
-    unconfirmed: usize,
-    next_generation: u64,
-    /// Subscribe requests handed to rumqttc, not yet written, in channel order.
-    requested: VecDeque<Vec<(String, u64)>>,
-    /// Written subscribe requests waiting for their SUBACK, by packet id.
-    inflight: HashMap<u16, VecDeque<Vec<(String, u64)>>>,
-    /// Unsubscribes that were lost with the link; re-sent if the broker kept our session.
-    lost_unsubs: HashSet<String>,
-    /// Topics we unsubscribed from because a message arrived for a user not held here.
-    healing: HashSet<String>,
+/// Where the link task is.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    /// First connect, with a clean session: wipes a session an earlier process with our client
+    /// id left behind; then DISCONNECT and connect again with a persistent one.
+    Wiping,
+    /// Connecting with the persistent session; `since` is when a link that was up went down.
+    Down { since: Option<std::time::Instant> },
+    /// Link up: requests flow.
+    Up,
+    /// We wrote DISCONNECT and wait (bounded) for the broker to close the connection, reading
+    /// what it still sends, before doing `then`. Closing at once made Mosquitto 2.0 fail its
+    /// PUBACK writes for publishes still in its read buffer and drop them ("disconnected due to
+    /// out of memory", mosquitto#2627/#3253) — acked messages lost at shutdown.
+    Closing { until: Instant, then: AfterClose },
+    /// Shutdown: connecting with a clean session to remove our persistent one.
+    Ending,
 }
 
-impl Subs {
-    fn set_confirmed(&mut self, topic: &str, generation: u64, ok: bool) {
-        let Some(t) = self.wanted.get_mut(topic) else { return };
-        if t.generation != generation || t.confirmed {
-            return;
-        }
-        if ok {
-            t.confirmed = true;
-            self.unconfirmed -= 1;
-        }
-        for w in t.waiters.drain(..) {
-            let _ = w.send(ok);
-        }
-    }
-
-    fn unconfirm_all(&mut self) {
-        for t in self.wanted.values_mut() {
-            t.confirmed = false;
-        }
-        self.unconfirmed = self.wanted.len();
-    }
+/// What follows a [`Phase::Closing`].
+#[derive(Debug, Clone, Copy)]
+enum AfterClose {
+    /// The start-up wipe is done: connect with a persistent session.
+    Persist,
+    /// Shutdown, everything sent and acknowledged: remove the session (clean reconnect).
+    EndSession,
+    /// Shutdown, session removed: stop.
+    Exit,
 }
+
+/// Longest wait for the broker to close the connection after our DISCONNECT.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// The instance's MQTT connection.
 pub struct Bus {
     client: AsyncClient,
-    subs: Mutex<Subs>,
+    state: Mutex<State>,
+    /// Bytes of room in the publish queue; a publish holds its cost until acknowledged.
+    room: Semaphore,
+    queue_limit: usize,
+    /// Wakes the link task when [`Bus::stop`] is called while it waits for a reconnect.
+    wake: Notify,
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     prefix: String,
@@ -111,7 +132,8 @@ pub struct Bus {
     connected: AtomicBool,
     broker_wait: Duration,
     max_publish_bytes: usize,
-    stopping: AtomicBool,
+    /// The instance's shutdown signal: a publish waiting for room gives up when it fires.
+    shutdown: CancellationToken,
 }
 
 impl std::fmt::Debug for Bus {
@@ -130,7 +152,7 @@ pub fn mqtt_options(cfg: &Config) -> MqttOptions {
     // Incoming may be larger than what we publish (operators inject with mosquitto_pub); a
     // too-large incoming packet would otherwise cost a reconnect loop.
     o.set_max_packet_size(max_out.max(1 << 20) * 2, max_out);
-    o.set_inflight(200);
+    o.set_inflight(RUMQTTC_INFLIGHT);
     if let Some(u) = username {
         o.set_credentials(u.clone(), password.clone().unwrap_or_default());
     }
@@ -138,21 +160,43 @@ pub fn mqtt_options(cfg: &Config) -> MqttOptions {
 }
 
 impl Bus {
-    /// Creates the bus and its event loop; run the loop with [`Bus::run`].
-    pub fn new(cfg: &Config, hub: Arc<Hub>, metrics: Arc<Metrics>) -> (Arc<Bus>, EventLoop) {
-        let (client, mut eventloop) = AsyncClient::new(mqtt_options(cfg), cfg.publish_queue);
+    /// Creates the bus and its event loop; run the loop with [`Bus::run`]. `shutdown` is the
+    /// instance's shutdown signal.
+    pub fn new(
+        cfg: &Config,
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> (Arc<Bus>, EventLoop) {
+        let (client, mut eventloop) = AsyncClient::new(mqtt_options(cfg), REQUEST_CHANNEL);
         let mut net = NetworkOptions::new();
         net.set_tcp_nodelay(true);
         net.set_connection_timeout(5);
         eventloop.set_network_options(net);
-        (Bus::with_client(client, cfg, hub, metrics), eventloop)
+        (Bus::with_client(client, cfg, hub, metrics, shutdown), eventloop)
     }
 
     /// A bus over any client handle (unit tests pass one made by `AsyncClient::from_senders`).
-    pub fn with_client(client: AsyncClient, cfg: &Config, hub: Arc<Hub>, metrics: Arc<Metrics>) -> Arc<Bus> {
+    pub fn with_client(
+        client: AsyncClient,
+        cfg: &Config,
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Arc<Bus> {
         let bus = Arc::new(Bus {
             client,
-            subs: Mutex::new(Subs::default()),
+            state: Mutex::new(State {
+                subs: Subs::default(),
+                out: Outbound::new(WINDOW),
+                up: false,
+                stopping: false,
+                stop_deadline: None,
+                disconnect_sent: false,
+            }),
+            room: Semaphore::new(cfg.publish_queue_bytes),
+            queue_limit: cfg.publish_queue_bytes,
+            wake: Notify::new(),
             hub,
             metrics,
             prefix: cfg.topic_prefix.clone(),
@@ -160,11 +204,11 @@ impl Bus {
             connected: AtomicBool::new(false),
             broker_wait: cfg.broker_wait,
             max_publish_bytes: cfg.max_message_bytes + ENVELOPE_SLACK,
-            stopping: AtomicBool::new(false),
+            shutdown,
         });
         // The broadcast topic is wanted for the whole life of the instance.
         let bt = bus.broadcast_topic.clone();
-        drop(bus.want(bt));
+        drop(bus.want(&bt));
         bus
     }
 
@@ -172,9 +216,18 @@ impl Bus {
         format!("{}{}", self.prefix, user)
     }
 
-    /// True while the link is up and every wanted topic is confirmed.
+    /// The topics a message to `to` is published on: one per recipient, or the broadcast topic.
+    pub fn topics(&self, to: &Recipients) -> Vec<String> {
+        match to {
+            Recipients::One(u) => vec![self.user_topic(u)],
+            Recipients::Many(v) => v.iter().map(|u| self.user_topic(u)).collect(),
+            Recipients::All => vec![self.broadcast_topic.clone()],
+        }
+    }
+
+    /// True while the link is up and the resubscription after the last (re)connect is complete.
     pub fn ready(&self) -> bool {
-        self.connected.load(Ordering::Acquire) && self.subs.lock().unconfirmed == 0
+        self.connected() && self.state.lock().subs.ready()
     }
 
     pub fn connected(&self) -> bool {
@@ -183,90 +236,136 @@ impl Bus {
 
     /// Number of wanted topics (user topics + broadcast).
     pub fn subscriptions(&self) -> usize {
-        self.subs.lock().wanted.len()
+        self.state.lock().subs.count()
     }
 
-    /// Starts wanting `topic` (a user's first local connection): SUBSCRIBE now if the link is
-    /// up, or on the next ConnAck. The receiver says `true` once the broker confirmed it.
-    fn want(&self, topic: String) -> oneshot::Receiver<bool> {
-        let (tx, rx) = oneshot::channel();
-        let mut s = self.subs.lock();
-        s.healing.remove(&topic);
-        s.lost_unsubs.remove(&topic);
-        s.next_generation += 1;
-        let generation = s.next_generation;
-        if let Some(t) = s.wanted.get_mut(&topic) {
-            // Wanted already (cannot happen for user topics: the hub says First once).
-            t.waiters.push(tx);
-            return rx;
-        }
-        s.wanted.insert(topic.clone(), TopicState { generation, confirmed: false, waiters: vec![tx] });
-        s.unconfirmed += 1;
-        self.metrics.set_subscriptions(s.wanted.len());
-        // Sent under the lock so that `requested` stays in channel order. A full channel
-        // (broker down for long) is fine: the ConnAck resubscribe covers every wanted topic.
-        if self.client.try_subscribe(topic.clone(), QoS::AtLeastOnce).is_ok() {
-            s.requested.push_back(vec![(topic, generation)]);
+    /// Bytes and publishes accepted and not yet acknowledged by the broker.
+    pub fn queued(&self) -> (usize, usize) {
+        let st = self.state.lock();
+        (st.out.bytes(), st.out.len())
+    }
+
+    /// Starts wanting `topic`: SUBSCRIBE now if the link is up, or with the next ConnAck's
+    /// resubscription. The receiver says `true` once the broker confirmed it.
+    fn want(&self, topic: &str) -> oneshot::Receiver<bool> {
+        let mut st = self.state.lock();
+        let (rx, new) = st.subs.want(topic);
+        if let Some(generation) = new {
+            self.metrics.set_subscriptions(st.subs.count());
+            if st.up {
+                // Sent under the lock so that the ledger's request order is the channel's.
+                if self.client.try_subscribe(topic, QOS).is_ok() {
+                    st.subs.sent(vec![(topic.to_string(), generation)]);
+                } else {
+                    st.subs.unsent(topic.to_string(), generation);
+                }
+            }
         }
         rx
     }
 
     /// Call under the hub lock on a user's first local connection.
     pub fn subscribe_user(&self, user: &str) -> oneshot::Receiver<bool> {
-        self.want(self.user_topic(user))
+        self.want(&self.user_topic(user))
     }
 
     /// A receiver that says `true` once `user`'s topic is confirmed (at once if it is).
     pub fn wait_user(&self, user: &str) -> oneshot::Receiver<bool> {
-        let (tx, rx) = oneshot::channel();
-        let mut s = self.subs.lock();
-        match s.wanted.get_mut(&self.user_topic(user)) {
-            Some(t) if t.confirmed => {
-                let _ = tx.send(true);
-            }
-            Some(t) => t.waiters.push(tx),
-            None => {
-                let _ = tx.send(false);
-            }
-        }
-        rx
+        self.state.lock().subs.wait(&self.user_topic(user))
     }
 
     /// Call under the hub lock when a user's last local connection went.
     pub fn unsubscribe_user(&self, user: &str) {
         let topic = self.user_topic(user);
-        let mut s = self.subs.lock();
-        if let Some(t) = s.wanted.remove(&topic) {
-            if !t.confirmed {
-                s.unconfirmed -= 1;
-            }
+        let mut st = self.state.lock();
+        if !st.subs.unwant(&topic) {
+            return;
         }
-        self.metrics.set_subscriptions(s.wanted.len());
-        if self.client.try_unsubscribe(topic.clone()).is_err() {
-            s.lost_unsubs.insert(topic);
+        self.metrics.set_subscriptions(st.subs.count());
+        if !st.up || self.client.try_unsubscribe(topic.clone()).is_err() {
+            st.subs.lost_unsub(topic);
         }
     }
 
-    /// Hands a publish to the broker connection (QoS 1), waiting at most `broker_wait` for
-    /// room in the request queue.
-    pub async fn publish(&self, topic: String, payload: Bytes) -> Result<(), BusError> {
-        if payload.len() > self.max_publish_bytes || self.stopping.load(Ordering::Acquire) {
-            return Err(BusError::Unavailable);
+    /// Accepts one message for `topics` (one QoS 1 publish each, the same payload), all or
+    /// nothing. It waits at most `--broker-timeout` (and never past shutdown) for room in the
+    /// publish queue; then it is refused and never sent. Once accepted it is sent in order
+    /// after everything accepted before it, and survives broker-link failures.
+    pub async fn publish(&self, topics: &[String], payload: Bytes) -> Result<(), BusError> {
+        if payload.len() > self.max_publish_bytes || topics.is_empty() {
+            return Err(self.refused());
         }
+        let costs: Vec<usize> = topics.iter().map(|t| cost(t, &payload)).collect();
+        // A message larger than the whole queue may still go into an empty one.
+        let need = costs.iter().sum::<usize>().min(self.queue_limit);
+        let permits = u32::try_from(need).map_err(|_| self.refused())?;
         let started = std::time::Instant::now();
-        let handed =
-            tokio::time::timeout(self.broker_wait, self.client.publish_bytes(topic, QoS::AtLeastOnce, false, payload))
-                .await;
+        let permit = match self.room.try_acquire_many(permits) {
+            Ok(p) => Some(p),
+            Err(TryAcquireError::Closed) => None,
+            Err(TryAcquireError::NoPermits) => tokio::select! {
+                r = tokio::time::timeout(self.broker_wait, self.room.acquire_many(permits)) => r.ok().and_then(Result::ok),
+                _ = self.shutdown.cancelled() => None,
+            },
+        };
         self.metrics.publish_wait(started.elapsed());
-        match handed {
-            Ok(Ok(())) => {
-                self.metrics.published(1);
-                Ok(())
+        let Some(permit) = permit else { return Err(self.refused()) };
+        let mut st = self.state.lock();
+        if st.stopping {
+            // The permit goes back when dropped.
+            return Err(self.refused());
+        }
+        permit.forget();
+        let mut left = need;
+        for (t, c) in topics.iter().zip(costs) {
+            let p = c.min(left);
+            left -= p;
+            st.out.push(t.clone(), payload.clone(), p);
+        }
+        self.pump(&mut st);
+        Ok(())
+    }
+
+    fn refused(&self) -> BusError {
+        self.metrics.dropped(Drop::Unavailable);
+        BusError::Unavailable
+    }
+
+    /// Moves what can move while the link is up: SUBSCRIBEs and UNSUBSCRIBEs that found the
+    /// request channel full, publishes into the window, and — when stopping and everything is
+    /// acknowledged — the DISCONNECT. Never blocks: a full channel leaves the rest for the next
+    /// event (a full channel means events are coming).
+    fn pump(&self, st: &mut State) {
+        if !st.up {
+            return;
+        }
+        while let Some((topic, generation)) = st.subs.next_unsent() {
+            if self.client.try_subscribe(topic.clone(), QOS).is_ok() {
+                st.subs.sent(vec![(topic, generation)]);
+            } else {
+                st.subs.unsent_first(topic, generation);
+                break;
             }
-            _ => {
-                self.metrics.dropped(Drop::Unavailable);
-                Err(BusError::Unavailable)
+        }
+        'unsubs: while st.subs.has_lost_unsubs() {
+            let mut topics = st.subs.take_lost_unsubs().into_iter();
+            while let Some(t) = topics.next() {
+                if self.client.try_unsubscribe(t.clone()).is_err() {
+                    st.subs.lost_unsub(t);
+                    topics.for_each(|t| st.subs.lost_unsub(t));
+                    break 'unsubs;
+                }
             }
+        }
+        while let Some((topic, payload)) = st.out.hand() {
+            // rumqttc has no non-blocking publish of shared bytes: one copy per publish sent.
+            if self.client.try_publish(topic, QOS, false, payload.to_vec()).is_err() {
+                st.out.unhand();
+                break;
+            }
+        }
+        if st.stopping && !st.disconnect_sent && st.out.is_empty() && self.client.try_disconnect().is_ok() {
+            st.disconnect_sent = true;
         }
     }
 
@@ -306,208 +405,235 @@ impl Bus {
     /// A message arrived on a user topic nobody here holds: an unsubscribe got lost (for
     /// example with the link, while the broker kept our session). Unsubscribe once more.
     fn heal(&self, topic: &str) {
-        let mut s = self.subs.lock();
-        if s.wanted.contains_key(topic) || s.healing.contains(topic) {
+        let mut st = self.state.lock();
+        if !st.up || !st.subs.heal(topic, std::time::Instant::now()) {
             return;
         }
-        if self.client.try_unsubscribe(topic.to_string()).is_ok() {
+        if self.client.try_unsubscribe(topic).is_ok() {
             debug!(topic, "unsubscribing a topic with no local user");
-            s.healing.insert(topic.to_string());
+        } else {
+            st.subs.heal_failed(topic);
         }
-    }
-
-    fn on_outgoing_subscribe(&self, pkid: u16) {
-        let mut s = self.subs.lock();
-        if let Some(batch) = s.requested.pop_front() {
-            s.inflight.entry(pkid).or_default().push_back(batch);
-        }
-    }
-
-    fn on_suback(&self, pkid: u16, codes: &[SubscribeReasonCode]) {
-        let mut s = self.subs.lock();
-        let Some(q) = s.inflight.get_mut(&pkid) else { return };
-        let Some(batch) = q.pop_front() else { return };
-        if q.is_empty() {
-            s.inflight.remove(&pkid);
-        }
-        for (i, (topic, generation)) in batch.iter().enumerate() {
-            let ok = matches!(codes.get(i), Some(SubscribeReasonCode::Success(_)));
-            if !ok {
-                warn!(topic, "broker refused the subscription");
-            }
-            s.set_confirmed(topic, *generation, ok);
-        }
-        self.metrics.set_ready(self.connected() && s.unconfirmed == 0);
-    }
-
-    /// The link dropped (rumqttc already moved unsent requests into `pending`): account for
-    /// what was lost and keep the publishes to send after reconnect.
-    fn link_lost(&self, el: &mut EventLoop, stash: &mut Vec<Request>) {
-        self.connected.store(false, Ordering::Release);
-        self.metrics.mqtt_down();
-        self.metrics.set_ready(false);
-        // Events produced before the failure still count (incoming publishes were read).
-        while let Some(ev) = el.state.events.pop_front() {
-            self.on_event(ev);
-        }
-        let mut s = self.subs.lock();
-        s.inflight.clear();
-        for req in el.pending.drain(..) {
-            match req {
-                Request::Subscribe(_) => {
-                    s.requested.pop_front();
-                }
-                Request::Unsubscribe(u) => s.lost_unsubs.extend(u.topics),
-                Request::Publish(_) => stash.push(req),
-                _ => {}
-            }
-        }
-        s.unconfirm_all();
-    }
-
-    /// Link is (back) up: resubscribe everything wanted, re-send lost unsubscribes if the
-    /// broker kept our session, then the publishes that were not acknowledged.
-    fn link_up(&self, el: &mut EventLoop, session_present: bool, stash: &mut Vec<Request>) {
-        let mut s = self.subs.lock();
-        s.inflight.clear();
-        s.healing.clear();
-        s.unconfirm_all();
-        let topics: Vec<(String, u64)> = s.wanted.iter().map(|(t, st)| (t.clone(), st.generation)).collect();
-        let batches: Vec<Vec<(String, u64)>> = topics.chunks(RESUBSCRIBE_CHUNK).map(|c| c.to_vec()).collect();
-        let mut front: Vec<Request> = Vec::with_capacity(batches.len() + stash.len() + 1);
-        for b in batches.iter() {
-            let filters = b.iter().map(|(t, _)| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce)).collect::<Vec<_>>();
-            front.push(Request::Subscribe(Subscribe::new_many(filters)));
-        }
-        for b in batches.into_iter().rev() {
-            s.requested.push_front(b);
-        }
-        let lost_all = std::mem::take(&mut s.lost_unsubs);
-        let lost: Vec<String> = lost_all.into_iter().filter(|t| !s.wanted.contains_key(t)).collect();
-        if session_present && !lost.is_empty() {
-            for chunk in lost.chunks(RESUBSCRIBE_CHUNK) {
-                front.push(Request::Unsubscribe(Unsubscribe { pkid: 0, topics: chunk.to_vec() }));
-            }
-        }
-        front.append(stash);
-        for r in front.into_iter().rev() {
-            el.pending.push_front(r);
-        }
-        self.connected.store(true, Ordering::Release);
-        self.metrics.set_ready(s.unconfirmed == 0);
     }
 
     fn on_event(&self, ev: Event) {
         match ev {
             Event::Incoming(Incoming::Publish(p)) => self.route(p),
-            Event::Incoming(Incoming::SubAck(a)) => self.on_suback(a.pkid, &a.return_codes),
-            Event::Outgoing(Outgoing::Subscribe(pkid)) => self.on_outgoing_subscribe(pkid),
+            Event::Incoming(Incoming::PubAck(a)) => {
+                let mut st = self.state.lock();
+                if let Some(permits) = st.out.acked(a.pkid) {
+                    self.room.add_permits(permits);
+                    self.metrics.published(1);
+                }
+                self.pump(&mut st);
+            }
+            Event::Incoming(Incoming::SubAck(a)) => {
+                let mut st = self.state.lock();
+                st.subs.suback(a.pkid, &a.return_codes);
+                self.metrics.set_ready(st.up && st.subs.ready());
+                self.pump(&mut st);
+            }
+            Event::Outgoing(Outgoing::Publish(pkid)) => {
+                self.state.lock().out.written(pkid);
+            }
+            Event::Outgoing(Outgoing::Subscribe(pkid)) => {
+                let mut st = self.state.lock();
+                st.subs.written(pkid);
+                self.pump(&mut st);
+            }
+            Event::Outgoing(Outgoing::Unsubscribe(_)) => {
+                let mut st = self.state.lock();
+                if st.subs.has_unsent() || st.subs.has_lost_unsubs() {
+                    self.pump(&mut st);
+                }
+            }
             _ => {}
         }
     }
 
-    /// Runs the event loop until [`Bus::stop`] has ended the session or `shutdown` fires
-    /// while the link is down.
-    pub async fn run(self: Arc<Self>, mut el: EventLoop, shutdown: CancellationToken) {
-        let mut backoff = Backoff::default();
-        let mut stash: Vec<Request> = Vec::new();
-        let mut wiping = true;
-        let mut ever_up = false;
-        let mut down_since: Option<std::time::Instant> = None;
-        // After we wrote a DISCONNECT: wait (bounded) for the broker to close the connection
-        // before dropping it. Closing at once made Mosquitto 2.0 fail its PUBACK writes for
-        // publishes still in its read buffer and drop them ("disconnected due to out of
-        // memory", mosquitto#2627/#3253) — acked messages lost at shutdown.
-        let mut closing: Option<(tokio::time::Instant, AfterClose)> = None;
-        loop {
-            let polled = match closing {
-                Some((deadline, _)) => {
-                    tokio::time::timeout_at(deadline, el.poll()).await.unwrap_or(Err(ConnectionError::NetworkTimeout))
+    /// The link dropped: handle what rumqttc had buffered, then take every request back.
+    /// Publishes wait in `out` for the next link; subscriptions are all sent again at the next
+    /// ConnAck; unsubscribes are remembered.
+    fn link_lost(&self, el: &mut EventLoop) {
+        {
+            let mut st = self.state.lock();
+            st.up = false;
+            self.connected.store(false, Ordering::Release);
+        }
+        self.metrics.mqtt_down();
+        self.metrics.set_ready(false);
+        // Events rumqttc read or made before the error are real (a PUBACK read, a publish
+        // written, a message received): handle them before the rest is taken back.
+        let stale: Vec<Event> = el.state.events.drain(..).collect();
+        for ev in stale {
+            self.on_event(ev);
+        }
+        let mut st = self.state.lock();
+        // Under the lock nobody adds to the request channel; `clean` drains it into `pending`.
+        el.clean();
+        el.state.collision = None;
+        for req in el.pending.drain(..) {
+            if let Request::Unsubscribe(u) = req {
+                for t in u.topics {
+                    st.subs.lost_unsub(t);
                 }
-                None => el.poll().await,
+            }
+        }
+        st.subs.link_lost();
+        // A DISCONNECT not yet written was taken back too: sent again once all is acknowledged.
+        st.disconnect_sent = false;
+        let back = st.out.link_lost();
+        if back > 0 {
+            debug!(publishes = back, "unacknowledged publishes kept for the next link");
+        }
+    }
+
+    /// The link is (back) up: resubscribe everything wanted, re-send lost unsubscribes if the
+    /// broker kept our session (both ahead of anything else), then the publishes.
+    fn link_up(&self, el: &mut EventLoop, session_present: bool) {
+        let mut st = self.state.lock();
+        let (batches, unsubs) = st.subs.link_up(session_present);
+        let mut front: Vec<Request> = Vec::with_capacity(batches.len() + 1);
+        for b in &batches {
+            let filters = b.iter().map(|(t, _)| SubscribeFilter::new(t.clone(), QOS)).collect::<Vec<_>>();
+            front.push(Request::Subscribe(Subscribe::new_many(filters)));
+        }
+        for chunk in unsubs.chunks(CHUNK) {
+            front.push(Request::Unsubscribe(Unsubscribe { pkid: 0, topics: chunk.to_vec() }));
+        }
+        for r in front.into_iter().rev() {
+            el.pending.push_front(r);
+        }
+        st.up = true;
+        self.connected.store(true, Ordering::Release);
+        self.metrics.set_ready(st.subs.ready());
+        self.pump(&mut st);
+    }
+
+    /// Runs the link until the session has ended after [`Bus::stop`] (or the stop deadline
+    /// passed).
+    pub async fn run(self: Arc<Self>, mut el: EventLoop) {
+        let mut phase = Phase::Wiping;
+        let mut backoff = Backoff::default();
+        let mut ever_up = false;
+        let mut warned_down = false;
+        loop {
+            let deadline = self.state.lock().stop_deadline;
+            let until = match (phase, deadline) {
+                (Phase::Closing { until, .. }, Some(d)) => Some(until.min(d)),
+                (Phase::Closing { until, .. }, None) => Some(until),
+                (_, d) => d,
             };
-            if let Some((_, next)) = closing {
+            // Only a connect attempt (no network yet) may be interrupted by `stop`: once
+            // connected, a poll cut short could lose a PUBACK half-written.
+            let connecting = el.network.is_none();
+            let polled = tokio::select! {
+                r = async {
+                    match until {
+                        Some(u) => tokio::time::timeout_at(u, el.poll()).await.ok(),
+                        None => Some(el.poll().await),
+                    }
+                } => r,
+                _ = self.wake.notified(), if connecting => {
+                    if self.give_up_while_down(phase) {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let Some(polled) = polled else {
+                // The close wait or the stop deadline ran out.
+                if let Phase::Closing { then, .. } = phase {
+                    if deadline.is_none_or(|d| Instant::now() < d) {
+                        match self.after_close(&mut el, then) {
+                            Some(p) => phase = p,
+                            None => break,
+                        }
+                        continue;
+                    }
+                }
+                warn!("shutdown grace period over before the broker session ended");
+                break;
+            };
+            if let Phase::Closing { then, .. } = phase {
                 match polled {
                     Ok(ev) => self.on_event(ev),
-                    Err(_) => {
-                        closing = None;
-                        el.network = None;
-                        el.clean();
-                        match next {
-                            AfterClose::Persist => self.link_lost(&mut el, &mut stash),
-                            AfterClose::EndSession => {
-                                // End the persistent session with a clean reconnect.
-                                el.mqtt_options.set_clean_session(true);
-                                el.pending.clear();
-                            }
-                            AfterClose::Exit => {
-                                info!("broker session ended");
-                                break;
-                            }
-                        }
-                    }
+                    Err(_) => match self.after_close(&mut el, then) {
+                        Some(p) => phase = p,
+                        None => break,
+                    },
                 }
                 continue;
             }
             match polled {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     backoff.reset();
-                    if wiping {
-                        // Clean connect done: any stale session with our id is gone. Now
-                        // leave and come back with a persistent session.
-                        el.mqtt_options.set_clean_session(false);
-                        el.pending.push_front(Request::Disconnect(Disconnect));
-                        continue;
+                    match phase {
+                        Phase::Wiping => {
+                            // Clean connect done: any stale session with our id is gone. Now
+                            // leave and come back with a persistent session.
+                            el.mqtt_options.set_clean_session(false);
+                            el.pending.push_front(Request::Disconnect(Disconnect));
+                        }
+                        Phase::Ending => {
+                            // The clean reconnect removed our session: now leave for good.
+                            el.pending.push_front(Request::Disconnect(Disconnect));
+                        }
+                        Phase::Down { since } => {
+                            self.link_up(&mut el, ack.session_present);
+                            self.metrics.mqtt_up(ever_up);
+                            match since {
+                                Some(t) => info!(
+                                    session_present = ack.session_present,
+                                    down_ms = t.elapsed().as_millis() as u64,
+                                    "broker link restored"
+                                ),
+                                None => info!("broker link up"),
+                            }
+                            ever_up = true;
+                            warned_down = false;
+                            phase = Phase::Up;
+                        }
+                        // A ConnAck comes only after a connect: not while up or closing.
+                        Phase::Up | Phase::Closing { .. } => {}
                     }
-                    if self.stopping.load(Ordering::Acquire) {
-                        // Clean reconnect that ended our session: now leave for good.
-                        el.pending.push_front(Request::Disconnect(Disconnect));
-                        continue;
-                    }
-                    self.link_up(&mut el, ack.session_present, &mut stash);
-                    self.metrics.mqtt_up(ever_up);
-                    match down_since.take() {
-                        Some(t) => info!(
-                            session_present = ack.session_present,
-                            down_ms = t.elapsed().as_millis() as u64,
-                            "broker link restored"
-                        ),
-                        None => info!("broker link up"),
-                    }
-                    ever_up = true;
                 }
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => {
-                    let next = if wiping {
-                        wiping = false;
-                        AfterClose::Persist
-                    } else if self.stopping.load(Ordering::Acquire) && !el.mqtt_options.clean_session() {
-                        AfterClose::EndSession
-                    } else {
-                        AfterClose::Exit
+                    let then = match phase {
+                        Phase::Wiping => AfterClose::Persist,
+                        Phase::Ending => AfterClose::Exit,
+                        _ => {
+                            let mut st = self.state.lock();
+                            st.up = false;
+                            self.connected.store(false, Ordering::Release);
+                            AfterClose::EndSession
+                        }
                     };
-                    closing = Some((tokio::time::Instant::now() + CLOSE_WAIT, next));
+                    phase = Phase::Closing { until: Instant::now() + CLOSE_WAIT, then };
                 }
                 Ok(ev) => self.on_event(ev),
                 Err(e) => {
-                    let was_up = self.connected();
-                    self.link_lost(&mut el, &mut stash);
-                    if was_up || down_since.is_none() {
+                    let was_up = matches!(phase, Phase::Up);
+                    self.link_lost(&mut el);
+                    phase = match phase {
+                        Phase::Up => Phase::Down { since: Some(std::time::Instant::now()) },
+                        p => p,
+                    };
+                    if was_up || !warned_down {
                         warn!(error = %e, "broker link down; reconnecting with backoff");
-                        down_since.get_or_insert_with(std::time::Instant::now);
+                        warned_down = true;
                     } else {
                         debug!(error = %e, "broker still unreachable");
                     }
-                    if shutdown.is_cancelled()
-                        && (self.stopping.load(Ordering::Acquire) || matches!(e, ConnectionError::RequestsDone))
-                    {
-                        warn!("stopping while the broker link is down: the broker may keep this instance's session until it expires");
+                    if self.give_up_while_down(phase) {
                         break;
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(backoff.next()) => {}
-                        _ = shutdown.cancelled(), if self.stopping.load(Ordering::Acquire) => {
-                            warn!("stopping while the broker link is down: the broker may keep this instance's session until it expires");
-                            break;
+                        _ = self.wake.notified() => {
+                            if self.give_up_while_down(phase) {
+                                break;
+                            }
                         }
                     }
                 }
@@ -515,33 +641,64 @@ impl Bus {
         }
         self.connected.store(false, Ordering::Release);
         self.metrics.mqtt_down();
-    }
-
-    /// Ends the broker session: everything already handed over is sent first (MQTT keeps
-    /// order), then the persistent session is removed. Returns at once; await the task
-    /// running [`Bus::run`] to know it finished.
-    pub async fn stop(&self) {
-        self.stopping.store(true, Ordering::Release);
-        if tokio::time::timeout(self.broker_wait, self.client.disconnect()).await.is_err() {
-            warn!("could not queue the broker DISCONNECT in time");
+        let (lost, permits) = self.state.lock().out.abandon();
+        self.room.add_permits(permits);
+        if lost > 0 {
+            warn!(publishes = lost, "stopped before the broker acknowledged these accepted publishes: they are lost");
         }
     }
-}
 
-/// What to do once the broker closed the connection after our DISCONNECT.
-#[derive(Debug, Clone, Copy)]
-enum AfterClose {
-    /// The start-up wipe is done: connect again with a persistent session.
-    Persist,
-    /// Shutdown, first DISCONNECT (everything before it was processed, in order): remove the
-    /// persistent session with a clean reconnect.
-    EndSession,
-    /// Shutdown, session removed: stop.
-    Exit,
-}
+    /// While the link is down and the instance stops: leave at once when nothing accepted is
+    /// waiting (the broker may keep our session until it expires); otherwise keep reconnecting
+    /// until the stop deadline to deliver it.
+    fn give_up_while_down(&self, phase: Phase) -> bool {
+        let st = self.state.lock();
+        if !st.stopping {
+            return false;
+        }
+        let nothing_waiting = st.out.is_empty();
+        let past_deadline = st.stop_deadline.is_some_and(|d| Instant::now() >= d);
+        let down = matches!(phase, Phase::Down { .. } | Phase::Wiping);
+        if (down && nothing_waiting) || past_deadline {
+            warn!(
+                "stopping while the broker link is down: the broker may keep this instance's session until it expires"
+            );
+            return true;
+        }
+        false
+    }
 
-/// Longest wait for the broker to close the connection after our DISCONNECT.
-const CLOSE_WAIT: Duration = Duration::from_secs(2);
+    /// The broker closed the connection after our DISCONNECT (or the wait ran out).
+    fn after_close(&self, el: &mut EventLoop, then: AfterClose) -> Option<Phase> {
+        el.network = None;
+        el.clean();
+        el.pending.clear();
+        match then {
+            AfterClose::Persist => Some(Phase::Down { since: None }),
+            AfterClose::EndSession => {
+                el.mqtt_options.set_clean_session(true);
+                Some(Phase::Ending)
+            }
+            AfterClose::Exit => {
+                info!("broker session ended");
+                None
+            }
+        }
+    }
+
+    /// Ends the broker session: every publish already accepted is still sent (also across a
+    /// link that drops and returns) until `grace` runs out; then DISCONNECT, and the persistent
+    /// session is removed with a clean reconnect. Returns at once; await the task running
+    /// [`Bus::run`] to know it finished.
+    pub fn stop(&self, grace: Duration) {
+        let mut st = self.state.lock();
+        st.stopping = true;
+        st.stop_deadline = Some(Instant::now() + grace);
+        self.pump(&mut st);
+        drop(st);
+        self.wake.notify_one();
+    }
+}
 
 /// Capped, jittered exponential backoff for reconnects (rumqttc has none).
 #[derive(Debug)]
@@ -551,11 +708,12 @@ struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff { next: Duration::from_millis(100) }
+        Backoff { next: Backoff::MIN }
     }
 }
 
 impl Backoff {
+    const MIN: Duration = Duration::from_millis(100);
     const MAX: Duration = Duration::from_secs(1);
 
     fn next(&mut self) -> Duration {
@@ -575,6 +733,7 @@ mod tests {
     use super::*;
     use crate::hub::{ConnRef, Outbox};
     use clap::Parser;
+    use rumqttc::{PubAck, SubAck, SubscribeReasonCode};
 
     #[derive(Parser)]
     struct Cli {
@@ -582,122 +741,345 @@ mod tests {
         serve: crate::config::ServeArgs,
     }
 
-    fn fake() -> (Arc<Bus>, Arc<Hub>, flume::Receiver<Request>) {
-        let cfg = Cli::parse_from(["fanout", "--mqtt-url", "mqtt://127.0.0.1:1"]).serve.validate().unwrap();
-        let (tx, rx) = flume::bounded(100);
+    /// A bus whose requests land in a channel the test reads, with an event loop that is never
+    /// connected (only its `pending` list and buffered events are used).
+    struct Fake {
+        bus: Arc<Bus>,
+        hub: Arc<Hub>,
+        rx: flume::Receiver<Request>,
+        el: EventLoop,
+    }
+
+    fn fake_with(args: &[&str], cap: usize) -> Fake {
+        let mut v = vec!["fanout", "--mqtt-url", "mqtt://127.0.0.1:1"];
+        v.extend_from_slice(args);
+        let cfg = Cli::parse_from(v).serve.validate().unwrap();
+        let (tx, rx) = flume::bounded(cap);
         let hub = Arc::new(Hub::new());
-        let bus = Bus::with_client(AsyncClient::from_senders(tx), &cfg, hub.clone(), Arc::new(Metrics::new("t")));
-        (bus, hub, rx)
+        let metrics = Arc::new(Metrics::new("t"));
+        let bus = Bus::with_client(AsyncClient::from_senders(tx), &cfg, hub.clone(), metrics, CancellationToken::new());
+        let el = EventLoop::new(MqttOptions::new("t", "127.0.0.1", 1), 10);
+        Fake { bus, hub, rx, el }
+    }
+
+    fn fake() -> Fake {
+        fake_with(&[], 100)
+    }
+
+    /// A queue of 20,000 bytes with a 1 s wait: three 5,000-byte messages fit, a fourth waits.
+    fn small_queue() -> Fake {
+        fake_with(&["--publish-queue-bytes", "20000", "--max-message-bytes", "6000", "--broker-timeout", "1s"], 100)
+    }
+
+    impl Fake {
+        fn up(&mut self) {
+            self.bus.link_up(&mut self.el, false);
+        }
+
+        /// The link drops; rumqttc's request channel is drained as `EventLoop::clean` would.
+        fn down(&mut self) {
+            self.rx.drain().for_each(drop);
+            self.bus.link_lost(&mut self.el);
+        }
+
+        fn requests(&self) -> Vec<Request> {
+            self.rx.drain().collect()
+        }
+
+        fn connect(&self, user: &str, id: u128) -> oneshot::Receiver<bool> {
+            let (outbox, _rx) = Outbox::new(1 << 16);
+            let mut first = None;
+            self.hub.add_with(user, ConnRef { id, outbox }, || first = Some(self.bus.subscribe_user(user)));
+            first.unwrap_or_else(|| self.bus.wait_user(user))
+        }
+
+        fn disconnect(&self, user: &str, id: u128) {
+            self.hub.remove_with(user, id, || self.bus.unsubscribe_user(user));
+        }
+
+        async fn send(&self, to: &[&str], payload: &str) -> Result<(), BusError> {
+            let topics: Vec<String> = to.iter().map(|u| self.bus.user_topic(u)).collect();
+            self.bus.publish(&topics, Bytes::from(payload.to_string())).await
+        }
+
+        /// rumqttc wrote the next `n` handed publishes with packet ids `from..`.
+        fn written(&self, from: u16, n: u16) {
+            for pkid in from..from + n {
+                self.bus.on_event(Event::Outgoing(Outgoing::Publish(pkid)));
+            }
+        }
+
+        fn puback(&self, pkid: u16) {
+            self.bus.on_event(Event::Incoming(Incoming::PubAck(PubAck::new(pkid))));
+        }
+    }
+
+    fn payloads(reqs: &[Request]) -> Vec<String> {
+        reqs.iter()
+            .filter_map(|r| match r {
+                Request::Publish(p) => Some(String::from_utf8(p.payload.to_vec()).unwrap()),
+                _ => None,
+            })
+            .collect()
     }
 
     fn subscribe_topics(r: &Request) -> Vec<String> {
         match r {
-            Request::Subscribe(s) => s.filters.iter().map(|f| f.path.clone()).collect(),
+            Request::Subscribe(s) => {
+                let mut t: Vec<String> = s.filters.iter().map(|f| f.path.clone()).collect();
+                t.sort();
+                t
+            }
             other => panic!("expected SUBSCRIBE, got {other:?}"),
         }
     }
 
-    fn connect(bus: &Bus, hub: &Hub, user: &str, id: u128) -> oneshot::Receiver<bool> {
-        let (outbox, _rx) = Outbox::new(1 << 16);
-        let mut first = None;
-        hub.add_with(user, ConnRef { id, outbox }, || first = Some(bus.subscribe_user(user)));
-        first.unwrap_or_else(|| bus.wait_user(user))
-    }
-
-    fn disconnect(bus: &Bus, hub: &Hub, user: &str, id: u128) {
-        hub.remove_with(user, id, || bus.unsubscribe_user(user));
-    }
-
     #[test]
     fn second_device_on_same_instance_does_not_resubscribe() {
-        let (bus, hub, rx) = fake();
-        assert_eq!(subscribe_topics(&rx.try_recv().unwrap()), ["broadcast"]);
-        let _a = connect(&bus, &hub, "bob", 1);
-        assert_eq!(subscribe_topics(&rx.try_recv().unwrap()), ["msg/bob"]);
-        let _b = connect(&bus, &hub, "bob", 2);
-        assert!(rx.try_recv().is_err(), "second device caused broker traffic");
-        disconnect(&bus, &hub, "bob", 1);
-        assert!(rx.try_recv().is_err(), "closing one of two devices unsubscribed");
-        disconnect(&bus, &hub, "bob", 2);
-        match rx.try_recv().unwrap() {
+        let mut f = fake();
+        f.up();
+        assert_eq!(subscribe_topics(&f.el.pending[0]), ["broadcast"]);
+        let _a = f.connect("bob", 1);
+        assert_eq!(subscribe_topics(&f.rx.try_recv().unwrap()), ["msg/bob"]);
+        let _b = f.connect("bob", 2);
+        assert!(f.rx.try_recv().is_err(), "second device caused broker traffic");
+        f.disconnect("bob", 1);
+        assert!(f.rx.try_recv().is_err(), "closing one of two devices unsubscribed");
+        f.disconnect("bob", 2);
+        match f.rx.try_recv().unwrap() {
             Request::Unsubscribe(u) => assert_eq!(u.topics, ["msg/bob"]),
             other => panic!("expected UNSUBSCRIBE, got {other:?}"),
         }
-        assert_eq!(bus.subscriptions(), 1);
+        assert_eq!(f.bus.subscriptions(), 1);
     }
 
     #[tokio::test]
-    async fn suback_confirms_in_request_order_and_readiness_follows() {
-        let (bus, hub, _rx) = fake();
-        bus.connected.store(true, Ordering::Release);
-        let alice = connect(&bus, &hub, "alice", 1);
-        let bob = connect(&bus, &hub, "bob", 2);
-        let bob2 = connect(&bus, &hub, "bob", 3);
-        assert!(!bus.ready());
-        // broadcast, alice, bob were written with packet ids 1, 2, 3.
-        for pkid in 1..=3 {
-            bus.on_event(Event::Outgoing(Outgoing::Subscribe(pkid)));
+    async fn while_down_nothing_is_sent_and_after_connack_subscribes_go_first() {
+        let mut f = fake();
+        let _alice = f.connect("alice", 1);
+        f.send(&["bob"], "m0").await.unwrap();
+        f.disconnect("alice", 1);
+        let _carol = f.connect("carol", 2);
+        assert!(f.requests().is_empty(), "requests sent while the link was down");
+        f.up();
+        // Subscribes are put in front of rumqttc's queue; publishes follow through the channel.
+        assert_eq!(f.el.pending.len(), 1);
+        assert_eq!(subscribe_topics(&f.el.pending[0]), ["broadcast", "msg/carol"]);
+        assert_eq!(payloads(&f.requests()), ["m0"]);
+        assert!(!f.bus.ready(), "ready before the resubscription was confirmed");
+        f.bus.on_event(Event::Outgoing(Outgoing::Subscribe(9)));
+        let ok = SubscribeReasonCode::Success(QOS);
+        f.bus.on_event(Event::Incoming(Incoming::SubAck(SubAck::new(9, vec![ok, ok]))));
+        assert!(f.bus.connected());
+        // A new user while up does not make the instance unready while its SUBACK is due.
+        let _dave = f.connect("dave", 3);
+        assert!(f.bus.ready());
+    }
+
+    #[tokio::test]
+    async fn publishes_replay_in_acceptance_order_across_two_link_failures() {
+        let mut f = fake();
+        f.up();
+        for i in 0..6 {
+            f.send(&["bob"], &format!("m{i}")).await.unwrap();
         }
-        let ok = [SubscribeReasonCode::Success(QoS::AtLeastOnce)];
-        bus.on_suback(1, &ok);
-        bus.on_suback(3, &[SubscribeReasonCode::Failure]);
-        assert!(!bob.await.unwrap());
-        assert!(!bob2.await.unwrap());
-        bus.on_suback(2, &ok);
-        assert!(alice.await.unwrap());
-        assert!(!bus.ready(), "bob's refused topic is still wanted and unconfirmed");
-        disconnect(&bus, &hub, "bob", 2);
-        disconnect(&bus, &hub, "bob", 3);
-        assert!(bus.ready());
+        assert_eq!(payloads(&f.requests()), ["m0", "m1", "m2", "m3", "m4", "m5"]);
+        f.written(1, 3);
+        f.puback(1);
+        f.down();
+        // Accepted while down: waits behind the unacknowledged ones.
+        f.send(&["bob"], "m6").await.unwrap();
+        assert!(f.requests().is_empty());
+        f.up();
+        assert_eq!(payloads(&f.requests()), ["m1", "m2", "m3", "m4", "m5", "m6"]);
+        f.written(1, 2);
+        f.down();
+        f.up();
+        assert_eq!(payloads(&f.requests()), ["m1", "m2", "m3", "m4", "m5", "m6"]);
+        f.written(1, 6);
+        for pkid in 1..=6 {
+            f.puback(pkid);
+        }
+        f.down();
+        f.up();
+        assert!(payloads(&f.requests()).is_empty(), "acknowledged publishes were sent again");
+        assert_eq!(f.bus.queued(), (0, 0));
     }
 
     #[tokio::test]
-    async fn link_loss_keeps_publishes_and_resubscribes_first() {
-        let (bus, hub, _rx) = fake();
-        let mut el = EventLoop::new(MqttOptions::new("t", "127.0.0.1", 1), 10);
-        // broadcast was written and is in flight; alice's SUBSCRIBE and a publish were still
-        // queued when the link dropped (rumqttc moved them into `pending`).
-        bus.on_event(Event::Outgoing(Outgoing::Subscribe(1)));
-        let _alice = connect(&bus, &hub, "alice", 1);
-        el.pending.push_back(Request::Subscribe(Subscribe::new("msg/alice", QoS::AtLeastOnce)));
-        el.pending.push_back(Request::Publish(Publish::new("msg/bob", QoS::AtLeastOnce, "acked")));
-        el.pending.push_back(Request::Unsubscribe(Unsubscribe::new("msg/gone")));
-        let mut stash = Vec::new();
-        bus.link_lost(&mut el, &mut stash);
-        assert!(el.pending.is_empty());
-        assert_eq!(stash.len(), 1);
-        assert!(bus.subs.lock().requested.is_empty());
-        bus.link_up(&mut el, true, &mut stash);
-        let kinds: Vec<&str> = el
-            .pending
-            .iter()
-            .map(|r| match r {
-                Request::Subscribe(_) => "sub",
-                Request::Unsubscribe(_) => "unsub",
-                Request::Publish(_) => "pub",
-                _ => "other",
-            })
-            .collect();
-        assert_eq!(kinds, ["sub", "unsub", "pub"]);
-        let mut topics = subscribe_topics(&el.pending[0]);
-        topics.sort();
-        assert_eq!(topics, ["broadcast", "msg/alice"]);
-        // Its SUBACK confirms both, and only then is the instance ready.
-        assert!(!bus.ready());
-        bus.on_event(Event::Outgoing(Outgoing::Subscribe(7)));
-        bus.on_suback(7, &[SubscribeReasonCode::Success(QoS::AtLeastOnce); 2]);
-        assert!(bus.ready());
+    async fn a_puback_read_just_before_the_link_dropped_still_counts() {
+        let mut f = fake();
+        f.up();
+        f.send(&["bob"], "m0").await.unwrap();
+        f.send(&["bob"], "m1").await.unwrap();
+        f.requests();
+        // rumqttc buffered these events when the read failed; they come before the error.
+        f.el.state.events.push_back(Event::Outgoing(Outgoing::Publish(1)));
+        f.el.state.events.push_back(Event::Outgoing(Outgoing::Publish(2)));
+        f.el.state.events.push_back(Event::Incoming(Incoming::PubAck(PubAck::new(1))));
+        f.down();
+        f.up();
+        assert_eq!(payloads(&f.requests()), ["m1"]);
+    }
+
+    #[tokio::test]
+    async fn at_most_a_window_is_handed_to_rumqttc() {
+        let mut f = fake_with(&[], REQUEST_CHANNEL);
+        for i in 0..WINDOW + 100 {
+            f.send(&["bob"], &format!("m{i}")).await.unwrap();
+        }
+        f.up();
+        assert_eq!(f.requests().len(), WINDOW);
+        f.written(1, 10);
+        for pkid in 1..=10 {
+            f.puback(pkid);
+        }
+        assert_eq!(payloads(&f.requests()), (WINDOW..WINDOW + 10).map(|i| format!("m{i}")).collect::<Vec<_>>());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_refuses_after_the_broker_timeout_and_the_refused_message_is_never_sent() {
+        let mut f = small_queue();
+        let big = "x".repeat(5_000);
+        for _ in 0..3 {
+            f.send(&["bob"], &big).await.unwrap();
+        }
+        let t0 = Instant::now();
+        assert_eq!(f.send(&["bob"], &format!("refused{big}")).await, Err(BusError::Unavailable));
+        assert_eq!(t0.elapsed(), Duration::from_secs(1), "the wait is exactly --broker-timeout");
+        f.up();
+        let sent = payloads(&f.requests());
+        assert_eq!(sent.len(), 3);
+        assert!(!sent.iter().any(|p| p.starts_with("refused")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_puback_makes_room_for_a_waiting_sender() {
+        let mut f = small_queue();
+        f.up();
+        let big = "x".repeat(5_000);
+        for _ in 0..3 {
+            f.send(&["bob"], &big).await.unwrap();
+        }
+        let bus = f.bus.clone();
+        let late = Bytes::from(format!("late{big}"));
+        let waiting = tokio::spawn(async move { bus.publish(&["msg/bob".to_string()], late).await });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!waiting.is_finished());
+        f.written(1, 3);
+        f.puback(2);
+        assert_eq!(waiting.await.unwrap(), Ok(()));
+        assert!(payloads(&f.requests()).last().is_some_and(|p| p.starts_with("late")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_message_to_many_is_accepted_whole_or_refused_whole() {
+        let f = small_queue();
+        let big = "x".repeat(5_000);
+        // Larger than the whole queue (5 × 5,000): accepted into an empty queue.
+        f.send(&["a", "b", "c", "d", "e"], &big).await.unwrap();
+        assert_eq!(f.bus.queued().1, 5);
+        // Nothing fits now: three recipients are refused together, none is queued.
+        assert_eq!(f.send(&["x", "y", "z"], "small").await, Err(BusError::Unavailable));
+        assert_eq!(f.bus.queued().1, 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sender_waiting_for_room_gives_up_at_shutdown() {
+        let mut v = vec!["fanout", "--mqtt-url", "mqtt://127.0.0.1:1"];
+        v.extend_from_slice(&[
+            "--publish-queue-bytes",
+            "20000",
+            "--max-message-bytes",
+            "6000",
+            "--broker-timeout",
+            "60s",
+        ]);
+        let cfg = Cli::parse_from(v).serve.validate().unwrap();
+        let (tx, _rx) = flume::bounded(10);
+        let stop = CancellationToken::new();
+        let bus = Bus::with_client(
+            AsyncClient::from_senders(tx),
+            &cfg,
+            Arc::new(Hub::new()),
+            Arc::new(Metrics::new("t")),
+            stop.clone(),
+        );
+        let big = Bytes::from("x".repeat(10_000));
+        bus.publish(&["msg/a".into()], big.clone()).await.unwrap();
+        let b = bus.clone();
+        let waiting = tokio::spawn(async move { b.publish(&["msg/a".into()], big).await });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        stop.cancel();
+        let t0 = Instant::now();
+        assert_eq!(waiting.await.unwrap(), Err(BusError::Unavailable));
+        assert!(t0.elapsed() < Duration::from_secs(1));
+    }
+
+    #[tokio::test]
+    async fn stop_disconnects_only_after_every_accepted_publish_is_acknowledged() {
+        let mut f = fake();
+        f.up();
+        f.send(&["bob"], "m0").await.unwrap();
+        f.bus.stop(Duration::from_secs(5));
+        assert_eq!(f.send(&["bob"], "after stop").await, Err(BusError::Unavailable));
+        let reqs = f.requests();
+        assert_eq!(payloads(&reqs), ["m0"]);
+        assert!(!reqs.iter().any(|r| matches!(r, Request::Disconnect(_))), "DISCONNECT before m0's PUBACK");
+        // The link drops and returns before m0 is acknowledged: m0 goes out again first.
+        f.written(1, 1);
+        f.down();
+        f.up();
+        assert_eq!(payloads(&f.requests()), ["m0"]);
+        f.written(1, 1);
+        f.puback(1);
+        assert!(matches!(f.requests().as_slice(), [Request::Disconnect(_)]));
+        // With nothing waiting, stop sends DISCONNECT at once.
+        let mut g = fake();
+        g.up();
+        g.bus.stop(Duration::from_secs(5));
+        assert!(matches!(g.requests().as_slice(), [Request::Disconnect(_)]));
+    }
+
+    #[tokio::test]
+    async fn requests_that_find_the_channel_full_are_retried_on_the_next_event() {
+        let mut f = fake_with(&[], 2);
+        f.up();
+        let _a = f.connect("a", 1);
+        let _b = f.connect("b", 2);
+        let _c = f.connect("c", 3);
+        f.send(&["a"], "m0").await.unwrap();
+        assert_eq!(f.rx.len(), 2, "the channel holds two requests");
+        // rumqttc takes both and writes them: there is room again.
+        let first = f.requests();
+        assert_eq!(first.iter().map(subscribe_topics).collect::<Vec<_>>(), [["msg/a"], ["msg/b"]]);
+        f.bus.on_event(Event::Outgoing(Outgoing::Subscribe(1)));
+        let next = f.requests();
+        assert_eq!(subscribe_topics(&next[0]), ["msg/c"]);
+        assert_eq!(payloads(&next), ["m0"]);
+        // An UNSUBSCRIBE that finds the channel full is sent once there is room too.
+        let _d = f.connect("d", 4);
+        let _e = f.connect("e", 5);
+        f.disconnect("a", 1);
+        f.requests();
+        f.bus.on_event(Event::Outgoing(Outgoing::Subscribe(2)));
+        match f.requests().as_slice() {
+            [Request::Unsubscribe(u)] => assert_eq!(u.topics, ["msg/a"]),
+            other => panic!("expected the retried UNSUBSCRIBE, got {other:?}"),
+        }
     }
 
     #[test]
-    fn backoff_grows_to_a_cap_and_resets() {
+    fn backoff_doubles_from_100ms_to_a_1s_cap_with_jitter_and_resets() {
         let mut b = Backoff::default();
-        let first = b.next();
-        assert!(first <= Duration::from_millis(120));
-        for _ in 0..20 {
-            assert!(b.next() <= Backoff::MAX.mul_f64(1.2));
+        let within = |d: Duration, base_ms: u64| {
+            let base = Duration::from_millis(base_ms);
+            assert!(d >= base.mul_f64(0.8) && d <= base.mul_f64(1.2), "{d:?} not within ±20 % of {base:?}");
+        };
+        for base in [100, 200, 400, 800, 1000, 1000, 1000] {
+            within(b.next(), base);
         }
         b.reset();
-        assert!(b.next() <= Duration::from_millis(120));
+        within(b.next(), 100);
     }
 }

@@ -64,12 +64,14 @@ pub struct ServeArgs {
     #[arg(long, env = "FANOUT_SEND_QUEUE", default_value_t = 1 << 20)]
     pub send_queue: usize,
 
-    /// Chat messages per second per connection, sustained.
+    /// Chat messages per second per connection, sustained (each recipient counts).
     #[arg(long, env = "FANOUT_RATE_LIMIT", default_value_t = 20.0)]
     pub rate_limit: f64,
 
-    /// Token-bucket capacity: at most this many messages at once.
-    #[arg(long, env = "FANOUT_RATE_BURST", default_value_t = 40)]
+    /// Token-bucket capacity: at most this many messages at once, refilled at --rate-limit per
+    /// second. Each recipient of a frame costs one token (a broadcast costs one); a frame that
+    /// costs more than the tokens left is refused whole.
+    #[arg(long, env = "FANOUT_RATE_BURST", default_value_t = 100)]
     pub rate_burst: u32,
 
     /// Most simultaneous WebSocket connections on this instance; beyond it upgrades get 503.
@@ -85,10 +87,11 @@ pub struct ServeArgs {
     #[arg(long, env = "FANOUT_BROKER_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub broker_timeout: Duration,
 
-    /// Requests (publishes, subscribes) that may wait for the broker connection, e.g. while
-    /// the broker is unreachable. When full, publishes wait --broker-timeout, then fail.
-    #[arg(long, env = "FANOUT_PUBLISH_QUEUE", default_value_t = 4096)]
-    pub publish_queue: usize,
+    /// Bytes of accepted messages that may wait for the broker (e.g. while it is unreachable),
+    /// counted until the broker acknowledges them. When full, a sender waits --broker-timeout
+    /// for room, then gets `unavailable` (never an ack). Units: 64MiB, 512KiB, 1GB or bytes.
+    #[arg(long, env = "FANOUT_PUBLISH_QUEUE_BYTES", default_value = "64MiB", value_parser = parse_bytes)]
+    pub publish_queue_bytes: u64,
 
     /// Threads that run connections; 0 = one per CPU core. Several instances sharing a host
     /// do best with cores / instances each (fewer threads to wake per message).
@@ -149,8 +152,8 @@ pub struct Config {
     pub log_format: LogFormat,
     pub max_connections: usize,
     pub max_connections_per_user: usize,
-    /// Capacity of the request queue toward the broker.
-    pub publish_queue: usize,
+    /// Bytes of accepted publishes that may wait for the broker's acknowledgement.
+    pub publish_queue_bytes: usize,
     /// Runtime worker threads; 0 = one per core.
     pub worker_threads: usize,
     /// Server ping interval; a peer silent for `idle_timeout` is dropped.
@@ -197,13 +200,9 @@ impl ServeArgs {
                 (BrokerTarget { host, port: addr.port(), username: None, password: None, tls: false }, Some(addr))
             }
         };
-        check_topic_part(&self.topic_prefix, false).map_err(|e| bad("--topic-prefix", "FANOUT_TOPIC_PREFIX", e))?;
-        check_topic_part(&self.broadcast_topic, true)
-            .map_err(|e| bad("--broadcast-topic", "FANOUT_BROADCAST_TOPIC", e))?;
-        if !self.broadcast_topic.is_empty()
-            && self.broadcast_topic.starts_with(&self.topic_prefix)
-            && !self.topic_prefix.is_empty()
-        {
+        check_topic_part(&self.topic_prefix).map_err(|e| bad("--topic-prefix", "FANOUT_TOPIC_PREFIX", e))?;
+        check_topic_part(&self.broadcast_topic).map_err(|e| bad("--broadcast-topic", "FANOUT_BROADCAST_TOPIC", e))?;
+        if self.broadcast_topic.starts_with(&self.topic_prefix) {
             return Err(bad(
                 "--broadcast-topic",
                 "FANOUT_BROADCAST_TOPIC",
@@ -226,6 +225,15 @@ impl ServeArgs {
             (None, Some(s)) => AuthMode::Secret { secret: s.clone(), dev: s == DEV_SECRET },
             (None, None) => AuthMode::Secret { secret: DEV_SECRET.to_string(), dev: true },
         };
+        if matches!(auth, AuthMode::Secret { dev: true, .. }) && !listen.ip().is_loopback() {
+            return Err(bad(
+                "--jwt-secret",
+                "FANOUT_JWT_SECRET",
+                format!(
+                    "the built-in development secret is public and --listen {listen} is not a loopback address: set --jwt-secret (or --jwt-public-key), or listen on 127.0.0.1"
+                ),
+            ));
+        }
         let instance_id = match self.instance_id {
             Some(id) => {
                 if id.is_empty()
@@ -259,8 +267,16 @@ impl ServeArgs {
         if self.broker_timeout.is_zero() || self.broker_timeout > Duration::from_secs(300) {
             return Err(bad("--broker-timeout", "FANOUT_BROKER_TIMEOUT", "must be between 1ms and 5m, e.g. 5s"));
         }
-        if !(16..=1_000_000).contains(&self.publish_queue) {
-            return Err(bad("--publish-queue", "FANOUT_PUBLISH_QUEUE", "must be between 16 and 1000000"));
+        // The queue is a semaphore of u32 permits; it must hold at least one largest publish.
+        let one = crate::bus::cost(&format!("{}{}", self.topic_prefix, "u".repeat(256)), &[])
+            + self.max_message_bytes
+            + crate::bus::ENVELOPE_SLACK;
+        if self.publish_queue_bytes < one as u64 || self.publish_queue_bytes > u64::from(u32::MAX) {
+            return Err(bad(
+                "--publish-queue-bytes",
+                "FANOUT_PUBLISH_QUEUE_BYTES",
+                format!("must be between {one} bytes (one largest message) and 4GiB, e.g. 64MiB"),
+            ));
         }
         if self.worker_threads > 1024 {
             return Err(bad("--worker-threads", "FANOUT_WORKER_THREADS", "must be between 0 (one per core) and 1024"));
@@ -285,13 +301,21 @@ impl ServeArgs {
             log_format: self.log_format,
             max_connections: self.max_connections,
             max_connections_per_user: self.max_connections_per_user,
-            publish_queue: self.publish_queue,
+            publish_queue_bytes: self.publish_queue_bytes as usize,
             worker_threads: self.worker_threads,
             ping_interval: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(60),
             broker_wait: self.broker_timeout,
         })
     }
+}
+
+/// A byte size: `64MiB`, `512 KiB`, `1GB` or a plain number of bytes.
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("'{s}' is not a size ({e}); e.g. 64MiB, 512KiB or 1048576"))
 }
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
@@ -322,15 +346,24 @@ pub fn parse_mqtt_url(s: &str) -> Result<BrokerTarget, String> {
         return Err(format!("'{s}' has a path; expected mqtt://host:port"));
     }
     let port = url.port().unwrap_or(if tls { 8883 } else { 1883 });
-    let decode =
-        |v: &str| url::form_urlencoded::parse(v.as_bytes()).map(|(k, _)| k.into_owned()).next().unwrap_or_default();
-    let username = (!url.username().is_empty()).then(|| decode(url.username()));
-    let password = url.password().map(decode);
+    // Userinfo is percent-decoded per RFC 3986 (`+` stays `+`, `&` is an ordinary character);
+    // form decoding would turn `+` into a space and cut at `&`.
+    let decode = |what: &str, v: &str| {
+        percent_encoding::percent_decode_str(v)
+            .decode_utf8()
+            .map(|c| c.into_owned())
+            .map_err(|_| format!("the {what} in '{s}' is not UTF-8 once percent-decoded"))
+    };
+    let username = if url.username().is_empty() { None } else { Some(decode("user name", url.username())?) };
+    let password = url.password().map(|p| decode("password", p)).transpose()?;
     Ok(BrokerTarget { host, port, username, password, tls })
 }
 
-fn check_topic_part(s: &str, whole: bool) -> Result<(), String> {
-    if whole && s.is_empty() {
+/// A topic prefix or the broadcast topic. Neither may be empty: with an empty prefix a user
+/// id would be a whole topic (a user named like the broadcast topic could broadcast, or
+/// unsubscribe it when leaving).
+fn check_topic_part(s: &str) -> Result<(), String> {
+    if s.is_empty() {
         return Err("must not be empty".into());
     }
     if s.contains(['+', '#', '\0']) {
@@ -383,6 +416,35 @@ mod tests {
         assert_eq!(t.username.as_deref(), Some("u@x"));
         assert_eq!(t.password.as_deref(), Some("p:w"));
         assert_eq!(parse_mqtt_url("mqtt://h").unwrap().port, 1883);
+        // RFC 3986 userinfo: `+` and `&` are themselves, %2B is `+` too.
+        let t = parse_mqtt_url("mqtt://u:a+b&c@host").unwrap();
+        assert_eq!(t.password.as_deref(), Some("a+b&c"));
+        let t = parse_mqtt_url("mqtt://us%20er:a%2Bb%26c%3D@host").unwrap();
+        assert_eq!((t.username.as_deref(), t.password.as_deref()), (Some("us er"), Some("a+b&c=")));
+        assert!(parse_mqtt_url("mqtt://u:%FF@host").unwrap_err().contains("password"));
+    }
+
+    #[test]
+    fn publish_queue_bytes_takes_units_and_must_hold_one_message() {
+        assert_eq!(parse(&[]).unwrap().publish_queue_bytes, 64 << 20);
+        assert_eq!(parse(&["--publish-queue-bytes", "512KiB"]).unwrap().publish_queue_bytes, 512 << 10);
+        assert_eq!(parse(&["--publish-queue-bytes", "1000000"]).unwrap().publish_queue_bytes, 1_000_000);
+        for bad in ["10", "5GiB", "lots"] {
+            let e = parse(&["--publish-queue-bytes", bad]).unwrap_err().to_string();
+            assert!(e.contains("--publish-queue-bytes") || e.contains("not a size"), "{bad}: {e}");
+        }
+        assert_eq!(parse(&[]).unwrap().rate_burst, 100);
+    }
+
+    #[test]
+    fn the_development_secret_only_serves_loopback() {
+        assert!(parse(&["--listen", "127.0.0.1:0"]).is_ok());
+        assert!(parse(&["--listen", "[::1]:0"]).is_ok());
+        let e = parse(&["--listen", "0.0.0.0:3000"]).unwrap_err().to_string();
+        assert!(e.contains("--jwt-secret") && e.contains("loopback"), "{e}");
+        assert!(parse(&["--listen", "0.0.0.0:3000", "--jwt-secret", "s3cret-s3cret"]).is_ok());
+        // Passing the public development secret by hand is the same hole.
+        assert!(parse(&["--listen", "0.0.0.0:3000", "--jwt-secret", DEV_SECRET]).is_err());
     }
 
     #[test]
@@ -399,6 +461,9 @@ mod tests {
             (&["--topic-prefix", "m\u{7}/"][..], "--topic-prefix"),
             (&["--broadcast-topic", "all\u{FFFF}"][..], "--broadcast-topic"),
             (&["--rate-limit", "0"][..], "--rate-limit"),
+            (&["--topic-prefix", ""][..], "--topic-prefix"),
+            (&["--broadcast-topic", ""][..], "--broadcast-topic"),
+            (&["--topic-prefix", "m/", "--broadcast-topic", "m/all"][..], "--broadcast-topic"),
         ] {
             let e = parse(args).unwrap_err().to_string();
             assert!(e.contains(flag), "{args:?}: {e}");

@@ -198,6 +198,8 @@ impl Gateway {
         sh.metrics.set_ready(!self.draining.load(Ordering::Acquire) && sh.bus.ready());
         let (queued, fullest) = sh.hub.outbox_stats();
         sh.metrics.set_outbox(queued, fullest);
+        let (bytes, messages) = sh.bus.queued();
+        sh.metrics.set_publish_queue(bytes, messages);
         let mut r = Response::new(sh.metrics.render().into());
         r.headers_mut().insert(
             http::header::CONTENT_TYPE,

@@ -1,9 +1,12 @@
-//! Connection limits: per instance and per user. A [`Permit`] is taken before the upgrade
-//! (so a refused client gets an HTTP status, not a dropped socket) and released when it is
-//! dropped — with the session, or with the upgrade future if the upgrade never completes.
+//! Limits: connections per instance and per user, and the chat rate per connection.
+//!
+//! A connection [`Permit`] is taken before the upgrade (so a refused client gets an HTTP status,
+//! not a dropped socket) and released when it is dropped — with the session, or with the
+//! upgrade future if the upgrade never completes.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use parking_lot::Mutex;
 
@@ -72,9 +75,72 @@ impl Drop for Permit {
     }
 }
 
+/// Token bucket: `rate` tokens per second sustained, at most `burst` at once. A request
+/// costing more tokens than are left is refused whole and takes nothing (no debt).
+#[derive(Debug)]
+pub struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimiter {
+    pub fn new(rate: f64, burst: u32) -> Self {
+        RateLimiter { rate, burst: f64::from(burst), tokens: f64::from(burst), last: Instant::now() }
+    }
+
+    /// Takes `cost` tokens at `now` if there are that many.
+    pub fn try_take_at(&mut self, now: Instant, cost: usize) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = self.last.max(now);
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        let cost = cost as f64;
+        if self.tokens >= cost {
+            self.tokens -= cost;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn bucket_allows_burst_then_rate() {
+        let mut l = RateLimiter::new(10.0, 3);
+        let t0 = l.last;
+        assert!(l.try_take_at(t0, 1));
+        assert!(l.try_take_at(t0, 1));
+        assert!(l.try_take_at(t0, 1));
+        assert!(!l.try_take_at(t0, 1));
+        assert!(l.try_take_at(t0 + Duration::from_millis(100), 1));
+        assert!(!l.try_take_at(t0 + Duration::from_millis(150), 1));
+        // Refill never exceeds the burst.
+        let later = t0 + Duration::from_secs(60);
+        for _ in 0..3 {
+            assert!(l.try_take_at(later, 1));
+        }
+        assert!(!l.try_take_at(later, 1));
+    }
+
+    #[test]
+    fn each_recipient_costs_a_token_and_a_costlier_frame_is_refused_whole() {
+        let mut l = RateLimiter::new(20.0, 100);
+        let t0 = l.last;
+        assert!(l.try_take_at(t0, 100), "a full group of 100 fits a fresh bucket");
+        assert!(!l.try_take_at(t0, 1), "and uses it up");
+        let t1 = t0 + Duration::from_millis(500); // 10 tokens back
+        assert!(!l.try_take_at(t1, 11), "11 recipients with 10 tokens: refused");
+        assert!(l.try_take_at(t1, 10), "the refusal took nothing: 10 are still there");
+        assert!(!l.try_take_at(t1, 1));
+        // A clock that steps back never mints tokens.
+        assert!(!l.try_take_at(t0, 1));
+    }
 
     #[test]
     fn limits_per_user_and_total_and_release_on_drop() {

@@ -72,8 +72,30 @@ fn config_error(e: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// A command line clap cannot parse: its first line (what is wrong, naming the flag) and, for
+/// a mistyped flag, the one it resembles. Bad configuration is one line (spec §2).
+fn usage_error(e: &clap::Error) -> ExitCode {
+    use clap::error::{ContextKind, ContextValue};
+    let text = e.render().to_string();
+    let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("error: invalid arguments");
+    let hint = match e.get(ContextKind::SuggestedArg) {
+        Some(ContextValue::String(s)) => format!("; did you mean {s}?"),
+        _ => String::new(),
+    };
+    eprintln!("{first}{hint} (fanout --help lists every flag)");
+    ExitCode::from(2)
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        // --help and --version are not errors.
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => return usage_error(&e),
+    };
     match cli.cmd {
         None => serve(cli.serve),
         Some(Cmd::Serve(args)) => serve(args),

@@ -119,6 +119,8 @@ pub struct Metrics {
     publish_wait: Histogram,
     outbox_queued: Gauge,
     outbox_max_queued: Gauge,
+    publish_queue_bytes: Gauge,
+    publish_queue_messages: Gauge,
     api_publish: Family<ResultLabel, Counter>,
 }
 
@@ -151,6 +153,8 @@ impl Metrics {
             publish_wait: Histogram::new(PUBLISH_WAIT_BUCKETS),
             outbox_queued: Gauge::default(),
             outbox_max_queued: Gauge::default(),
+            publish_queue_bytes: Gauge::default(),
+            publish_queue_messages: Gauge::default(),
             api_publish: Family::default(),
         };
         r.register("fanout_connections", "Open WebSocket connections on this instance", m.connections.clone());
@@ -166,7 +170,11 @@ impl Metrics {
             "Frames written into local connections' outboxes from the broker",
             m.delivered.clone(),
         );
-        r.register("fanout_messages_published", "MQTT publishes handed to the broker connection", m.published.clone());
+        r.register(
+            "fanout_messages_published",
+            "MQTT publishes the broker acknowledged (PUBACK), one per recipient topic",
+            m.published.clone(),
+        );
         r.register("fanout_dropped", "Messages not delivered or not published, by reason", m.dropped.clone());
         r.register("fanout_client_errors", "error frames sent to clients, by code", m.client_errors.clone());
         r.register("fanout_mqtt_connected", "1 while the broker link is up", m.mqtt_connected.clone());
@@ -190,7 +198,7 @@ impl Metrics {
         );
         r.register(
             "fanout_publish_wait_seconds",
-            "Time a publish waited for room in the queue toward the broker connection (timeouts included)",
+            "Time a message waited for room in the publish queue (--publish-queue-bytes), refusals included",
             m.publish_wait.clone(),
         );
         r.register(
@@ -202,6 +210,16 @@ impl Metrics {
             "fanout_outbox_max_queued_bytes",
             "Bytes waiting in the fullest single outbox (sampled at scrape); 4008 comes at --send-queue",
             m.outbox_max_queued.clone(),
+        );
+        r.register(
+            "fanout_publish_queue_bytes",
+            "Bytes of accepted (acked) publishes the broker has not acknowledged yet (sampled at scrape); senders get `unavailable` at --publish-queue-bytes",
+            m.publish_queue_bytes.clone(),
+        );
+        r.register(
+            "fanout_publish_queue_messages",
+            "Accepted publishes the broker has not acknowledged yet, one per recipient topic (sampled at scrape)",
+            m.publish_queue_messages.clone(),
         );
         r.register(
             "fanout_api_publish_requests",
@@ -313,6 +331,11 @@ impl Metrics {
     /// How long one `Bus::publish` waited for room toward the broker.
     pub fn publish_wait(&self, waited: std::time::Duration) {
         self.publish_wait.observe(waited.as_secs_f64());
+    }
+    /// Publish queue depth sampled at scrape.
+    pub fn set_publish_queue(&self, bytes: usize, messages: usize) {
+        self.publish_queue_bytes.set(bytes as i64);
+        self.publish_queue_messages.set(messages as i64);
     }
     /// Outbox depth sampled at scrape: total bytes queued, and the largest single outbox.
     pub fn set_outbox(&self, total: usize, max: usize) {

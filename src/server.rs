@@ -7,9 +7,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::auth::Verifier;
 use crate::bus::Bus;
@@ -21,6 +23,10 @@ use crate::session::Shared;
 
 /// Longest wait for sessions to close, and for the broker session to end, at shutdown.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// A connection that has not sent a complete HTTP request head within this long is closed
+/// (spec §6). Without it a client that connects and stays silent, or trickles a large header,
+/// holds a socket forever (warp serves hyper without a timer).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Resolves on SIGINT or SIGTERM.
 pub async fn signal() {
@@ -105,11 +111,10 @@ pub async fn serve(cfg: Config, stop: impl std::future::Future<Output = ()>) -> 
 
     let metrics = Arc::new(Metrics::new(&cfg.instance_id));
     let hub = Arc::new(Hub::new());
-    let (bus, eventloop) = Bus::new(&cfg, hub.clone(), metrics.clone());
-    let bus_stop = CancellationToken::new();
-    let bus_task = tokio::spawn(bus.clone().run(eventloop, bus_stop.clone()));
-
     let shutdown = CancellationToken::new();
+    let (bus, eventloop) = Bus::new(&cfg, hub.clone(), metrics.clone(), shutdown.clone());
+    let bus_task = tokio::spawn(bus.clone().run(eventloop));
+
     let shared =
         Arc::new(Shared { cfg: cfg.clone(), hub: hub.clone(), bus: bus.clone(), metrics, shutdown: shutdown.clone() });
     let gw = Arc::new(Gateway {
@@ -120,9 +125,7 @@ pub async fn serve(cfg: Config, stop: impl std::future::Future<Output = ()>) -> 
         limits: crate::limits::ConnLimiter::new(cfg.max_connections, cfg.max_connections_per_user),
     });
     let http_stop = CancellationToken::new();
-    let server = tokio::spawn(
-        warp::serve(gw.clone().routes()).incoming(listener).graceful(http_stop.clone().cancelled_owned()).run(),
-    );
+    let server = tokio::spawn(serve_http(listener, warp::service(gw.clone().routes()), http_stop.clone()));
     info!(listen = %cfg.listen, instance_id = %cfg.instance_id, "listening");
 
     stop.await;
@@ -133,9 +136,10 @@ pub async fn serve(cfg: Config, stop: impl std::future::Future<Output = ()>) -> 
     if tokio::time::timeout(SHUTDOWN_GRACE, gw.sessions.wait()).await.is_err() {
         warn!(remaining = gw.sessions.len(), "sessions did not close within the grace period");
     }
-    bus.stop().await;
-    bus_stop.cancel();
-    match tokio::time::timeout(SHUTDOWN_GRACE, bus_task).await {
+    // Everything acked is still handed to the broker (also across a link that drops and
+    // returns), then the broker session ends; bounded by the grace period.
+    bus.stop(SHUTDOWN_GRACE);
+    match tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(5), bus_task).await {
         Ok(_) => {}
         Err(_) => warn!("broker session did not end within the grace period"),
     }
@@ -143,4 +147,73 @@ pub async fn serve(cfg: Config, stop: impl std::future::Future<Output = ()>) -> 
     let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
     info!("stopped");
     Ok(())
+}
+
+/// Serves HTTP/1.1 on `listener` until `stop`: each connection gets [`HEADER_TIMEOUT`] for
+/// each request head (the first and every keep-alive one) and may upgrade to a WebSocket (the
+/// session then runs on its own task). At `stop`, open connections finish the request in
+/// progress and close.
+async fn serve_http<S>(listener: tokio::net::TcpListener, svc: S, stop: CancellationToken)
+where
+    S: tower_service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = warp::reply::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let conns = TaskTracker::new();
+    let mut last_accept_error: Option<std::time::Instant> = None;
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors (EMFILE) and the like: say so once a second at most,
+                    // and let sockets close before trying again.
+                    if last_accept_error.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
+                        warn!(error = %e, "accept failed");
+                        last_accept_error = Some(std::time::Instant::now());
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => break,
+        };
+        let svc = svc.clone();
+        let stop = stop.clone();
+        conns.spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let mut s = svc.clone();
+                tower_service::Service::call(&mut s, req)
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            let done = tokio::select! {
+                r = conn.as_mut() => Some(r),
+                _ = stop.cancelled() => None,
+            };
+            let r = match done {
+                Some(r) => r,
+                None => {
+                    conn.as_mut().graceful_shutdown();
+                    tokio::time::timeout(Duration::from_secs(1), conn).await.unwrap_or(Ok(()))
+                }
+            };
+            if let Err(e) = r {
+                // A header timeout, a reset or a malformed request: the peer's business.
+                debug!(error = %e, "HTTP connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    conns.close();
+    let _ = tokio::time::timeout(Duration::from_secs(1), conns.wait()).await;
 }

@@ -21,6 +21,7 @@ use crate::auth::{unix_millis, unix_now, Identity};
 use crate::bus::Bus;
 use crate::config::Config;
 use crate::hub::{Added, ConnRef, Hub, Outbox, OutboxRx};
+use crate::limits::RateLimiter;
 use crate::metrics::{Drop, Metrics};
 use crate::wire::{self, close, ClientEvent, ErrorCode, Recipients, WireError};
 
@@ -36,33 +37,6 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Cancelled at shutdown: every session closes with 1001.
     pub shutdown: CancellationToken,
-}
-
-/// Token bucket: `rate` per second sustained, at most `burst` at once.
-#[derive(Debug)]
-pub struct RateLimiter {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl RateLimiter {
-    pub fn new(rate: f64, burst: u32) -> Self {
-        RateLimiter { rate, burst: burst as f64, tokens: burst as f64, last: Instant::now() }
-    }
-
-    pub fn try_take_at(&mut self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
 }
 
 /// Why the session loop ended.
@@ -156,7 +130,10 @@ async fn run(ws: Socket, id: Identity, conn_id: uuid::Uuid, sh: Arc<Shared>) {
         Ok(()) => None,
         Err(()) => Some(End::Gone),
     };
-    if end.is_none() {
+    // Counted as open only once `connected` went out: a client that resets before it is
+    // neither opened nor closed in `fanout_connections`.
+    let opened = end.is_none();
+    if opened {
         sh.metrics.connection_opened();
         info!(first = added == Added::First, "connected");
     }
@@ -235,7 +212,9 @@ async fn run(ws: Socket, id: Identity, conn_id: uuid::Uuid, sh: Arc<Shared>) {
         _ => close::NORMAL,
     };
     leave(&sh, user, conn_id.as_u128());
-    sh.metrics.connection_closed();
+    if opened {
+        sh.metrics.connection_closed();
+    }
     info!(close_code = code, duration_ms = started.elapsed().as_millis() as u64, "disconnected");
 }
 
@@ -338,53 +317,32 @@ async fn handle_text(sh: &Shared, id: &Identity, limiter: &mut RateLimiter, text
         Ok(ClientEvent::Chat { to, message, client_message_id }) => (to, message, client_message_id),
         Err(e) => return reject(sh, e),
     };
-    if !limiter.try_take_at(Instant::now()) {
+    // Each recipient costs a token (a broadcast is one publish: one); a frame costing more
+    // than what is left is refused whole, so a group send cannot run the bucket into debt.
+    let cost = match &to {
+        Recipients::Many(v) => v.len(),
+        Recipients::One(_) | Recipients::All => 1,
+    };
+    if !limiter.try_take_at(Instant::now(), cost) {
         sh.metrics.dropped(Drop::RateLimited);
-        let mut e =
-            WireError::new(ErrorCode::RateLimited, format!("more than {} messages per second", sh.cfg.rate_limit));
+        let mut e = WireError::new(
+            ErrorCode::RateLimited,
+            format!(
+                "more than {} messages per second (each recipient counts; at most {} at once)",
+                sh.cfg.rate_limit, sh.cfg.rate_burst
+            ),
+        );
         e.client_message_id = cmid;
         return reject(sh, e);
     }
     sh.metrics.ws_message_in();
     let msg_id = wire::message_id(&id.user_id, cmid.as_deref()).to_string();
     let payload = Bytes::from(wire::chat_message(&msg_id, &id.user_id, &to, message, unix_millis(), cmid.as_deref()));
-    let topics: Vec<String> = match &to {
-        Recipients::One(u) => vec![sh.bus.user_topic(u)],
-        Recipients::Many(v) => v.iter().map(|u| sh.bus.user_topic(u)).collect(),
-        Recipients::All => vec![sh.cfg.broadcast_topic.clone()],
-    };
-    for t in topics {
-        if sh.bus.publish(t, payload.clone()).await.is_err() {
-            let mut e = WireError::new(
-                ErrorCode::Unavailable,
-                "the broker did not accept the message in time; it was not sent",
-            );
-            e.client_message_id = cmid;
-            return reject(sh, e);
-        }
+    if sh.bus.publish(&sh.bus.topics(&to), payload).await.is_err() {
+        let mut e =
+            WireError::new(ErrorCode::Unavailable, "the broker did not accept the message in time; it was not sent");
+        e.client_message_id = cmid;
+        return reject(sh, e);
     }
     wire::ack(&msg_id, cmid.as_deref())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bucket_allows_burst_then_rate() {
-        let mut l = RateLimiter::new(10.0, 3);
-        let t0 = l.last;
-        assert!(l.try_take_at(t0));
-        assert!(l.try_take_at(t0));
-        assert!(l.try_take_at(t0));
-        assert!(!l.try_take_at(t0));
-        assert!(l.try_take_at(t0 + Duration::from_millis(100)));
-        assert!(!l.try_take_at(t0 + Duration::from_millis(150)));
-        // Refill never exceeds the burst.
-        let later = t0 + Duration::from_secs(60);
-        for _ in 0..3 {
-            assert!(l.try_take_at(later));
-        }
-        assert!(!l.try_take_at(later));
-    }
 }

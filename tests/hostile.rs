@@ -389,6 +389,9 @@ fn frame_cases() -> Vec<Case> {
 
     // --- binary and raw frames ---------------------------------------------------------------
     let chat = to_one(r#""bob""#, r#""fragmented""#, Some("c-frag"));
+    // A clientMessageId is unique per sender (the envelope id derives from it): a second
+    // delivered case needs its own.
+    let chat2 = to_one(r#""bob""#, r#""fragmented""#, Some("c-frag-2"));
     let unicode_chat = to_one(r#""bob""#, &js("ü😀ü"), None);
     let split_at = unicode_chat.find('😀').unwrap() + 2; // in the middle of the emoji
     v.extend([
@@ -414,11 +417,11 @@ fn frame_cases() -> Vec<Case> {
         case(
             "control ping between fragments",
             Input::Frames({
-                let mut f = fragmented(chat.as_bytes(), &[10], Data::Text);
+                let mut f = fragmented(chat2.as_bytes(), &[10], Data::Text);
                 f.insert(1, Frame::ping(b"between".to_vec()));
                 f
             }),
-            Delivered { to: vec![BOB.into()], raw: r#""fragmented""#.into(), cmid: Some("c-frag".into()) },
+            Delivered { to: vec![BOB.into()], raw: r#""fragmented""#.into(), cmid: Some("c-frag-2".into()) },
         ),
         case(
             "fragmented binary message",

@@ -92,6 +92,13 @@ fn configuration_errors_exit_2_with_one_line_naming_the_flag() {
         (&["--broker-timeout", "0s"][..], &[][..], "--broker-timeout"),
         (&["serve", "--send-queue", "10"][..], &[][..], "--send-queue"),
         (&["--worker-threads", "5000"][..], &[][..], "--worker-threads"),
+        // The public development secret never serves beyond loopback (the Docker image listens
+        // on 0.0.0.0: without a secret it must not start).
+        (&["--listen", "0.0.0.0:0"][..], &[][..], "--jwt-secret"),
+        (&[][..], &[("FANOUT_LISTEN", "0.0.0.0:0")][..], "--jwt-secret"),
+        (&["--topic-prefix", ""][..], &[][..], "--topic-prefix"),
+        (&["--publish-queue-bytes", "12"][..], &[][..], "--publish-queue-bytes"),
+        (&["--publish-queue-bytes", "lots"][..], &[][..], "--publish-queue-bytes"),
     ] {
         let out = run(args, env);
         let err = String::from_utf8_lossy(&out.stderr);

@@ -4,137 +4,14 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::peer::*;
 use common::proxy::FaultProxy;
 use common::*;
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
-use parking_lot::Mutex;
+use futures_util::SinkExt;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
-
-/// A client whose frames are collected by a background reader, so senders and receivers
-/// run concurrently.
-struct Peer {
-    name: String,
-    sink: SplitSink<Ws, Message>,
-    frames: Arc<Mutex<Vec<Value>>>,
-    close: Arc<Mutex<Option<u16>>>,
-}
-
-impl Peer {
-    async fn connect(inst: &Instance, user: &str) -> Peer {
-        let c = inst.connect(user).await;
-        Peer::from_client(c, user)
-    }
-
-    fn from_client(c: Client, user: &str) -> Peer {
-        let (sink, stream) = c.ws.split();
-        let frames = Arc::new(Mutex::new(Vec::new()));
-        let close = Arc::new(Mutex::new(None));
-        tokio::spawn(read_all_frames(stream, frames.clone(), close.clone()));
-        Peer { name: user.to_string(), sink, frames, close }
-    }
-
-    async fn send_to(&mut self, to: &str, cmid: &str) {
-        let f = json!({"event": "send_chat_message_to_participant",
-            "data": {"participantId": to, "message": {"seq": cmid}, "clientMessageId": cmid}});
-        self.sink.send(Message::text(f.to_string())).await.expect("send");
-    }
-
-    fn events(&self, event: &str) -> Vec<Value> {
-        self.frames.lock().iter().filter(|v| v["event"] == json!(event)).map(|v| v["data"].clone()).collect()
-    }
-
-    /// Ids of acked messages by client message id.
-    fn acks(&self) -> HashMap<String, String> {
-        self.events("ack")
-            .into_iter()
-            .map(|d| (d["clientMessageId"].as_str().unwrap().to_string(), d["id"].as_str().unwrap().to_string()))
-            .collect()
-    }
-
-    fn received_ids(&self) -> Vec<String> {
-        self.events("chat_message").into_iter().filter_map(|d| d["id"].as_str().map(String::from)).collect()
-    }
-
-    fn closed(&self) -> Option<u16> {
-        *self.close.lock()
-    }
-}
-
-async fn read_all_frames(mut s: SplitStream<Ws>, frames: Arc<Mutex<Vec<Value>>>, close: Arc<Mutex<Option<u16>>>) {
-    while let Some(m) = s.next().await {
-        match m {
-            Ok(Message::Text(t)) => {
-                if let Ok(v) = serde_json::from_str(&t) {
-                    frames.lock().push(v);
-                }
-            }
-            Ok(Message::Close(f)) => {
-                *close.lock() = Some(f.map(|f| u16::from(f.code)).unwrap_or(1005));
-            }
-            Ok(_) => {}
-            Err(_) => break,
-        }
-    }
-    close.lock().get_or_insert(1006);
-}
-
-/// No rate limit in the way of test traffic.
-fn unlimited(o: InstanceOpts) -> InstanceOpts {
-    o.arg("--rate-limit").arg("100000").arg("--rate-burst").arg("100000")
-}
-
-async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn readyz(inst: &Instance) -> u16 {
-    http_get(inst.port, "/readyz").await.map(|r| r.status).unwrap_or(0)
-}
-
-async fn wait_readyz(inst: &Instance, status: u16, timeout: Duration) -> Duration {
-    let t0 = Instant::now();
-    while readyz(inst).await != status {
-        assert!(t0.elapsed() < timeout, "/readyz of {} not {status} within {timeout:?}", inst.id);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    t0.elapsed()
-}
-
-/// Every acked message of `from` to `to` arrived exactly once at `to`.
-fn assert_acked_delivered_once(from: &Peer, to: &Peer, prefix: &str) -> usize {
-    let acks: Vec<String> = from.acks().into_iter().filter(|(c, _)| c.starts_with(prefix)).map(|(_, id)| id).collect();
-    let got = to.received_ids();
-    let mut count: HashMap<&str, usize> = HashMap::new();
-    for id in &got {
-        *count.entry(id).or_default() += 1;
-    }
-    for id in &acks {
-        assert_eq!(
-            count.get(id.as_str()).copied().unwrap_or(0),
-            1,
-            "acked {prefix} message {id} from {} to {}",
-            from.name,
-            to.name
-        );
-    }
-    acks.len()
-}
-
-fn assert_no_duplicates(p: &Peer) {
-    let ids = p.received_ids();
-    let unique: HashSet<&String> = ids.iter().collect();
-    assert_eq!(unique.len(), ids.len(), "{} received a message id twice", p.name);
-}
 
 /// Sends `n` messages from `p` to each of `to`, one round every `every`, while `stop` is unset.
 async fn traffic(
@@ -302,55 +179,82 @@ async fn restarting_an_instance_ten_times_leaves_no_sessions_or_subscriptions() 
     }
 }
 
+/// Padding that makes every message of the dead-broker test cost 4,200-4,300 queue bytes
+/// (topic + envelope + 64 bytes of bookkeeping), so a 68,800-byte queue holds exactly 16.
+const PAD: usize = 4_000;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_toward_a_dead_broker_fails_with_unavailable_in_bounded_time() {
     let m = Mosquitto::start();
     let proxy = FaultProxy::start(m.port()).await;
-    let a = Instance::start(
-        InstanceOpts { mqtt_url: Some(proxy.url()), ..Default::default() }
-            .arg("--publish-queue")
-            .arg("16")
-            .arg("--broker-timeout")
-            .arg("1s")
-            .arg("--rate-limit")
-            .arg("10000")
-            .arg("--rate-burst")
-            .arg("10000"),
-    )
+    let a = Instance::start(unlimited(InstanceOpts { mqtt_url: Some(proxy.url()), ..Default::default() }).args([
+        "--publish-queue-bytes",
+        "68800",
+        "--max-message-bytes",
+        "8192",
+        "--broker-timeout",
+        "1s",
+    ]))
     .await;
     let b = Instance::start(InstanceOpts::broker(&m)).await;
     let mut alice = Peer::connect(&a, "alice").await;
     let bob = Peer::connect(&b, "bob").await;
     proxy.cut();
     wait_readyz(&a, 503, Duration::from_secs(5)).await;
+    let pad = "p".repeat(PAD);
     let t0 = Instant::now();
     for i in 0..24 {
-        alice.send_to("bob", &format!("dead-{i}")).await;
+        let f = json!({"event": "send_chat_message_to_participant",
+            "data": {"participantId": "bob", "message": {"seq": i, "pad": pad}, "clientMessageId": format!("dead-{i:02}")}});
+        alice.sink.send(Message::text(f.to_string())).await.unwrap();
     }
-    wait_until("every message answered", Duration::from_secs(60), || {
+    wait_until("every message answered", Duration::from_secs(30), || {
         alice.events("ack").len() + alice.events("error").len() == 24
     })
     .await;
     let answered_in = t0.elapsed();
+    // Exactly the first 16 fit the queue and are acked; each later one waits its full
+    // --broker-timeout (1 s) for room, one after the other, and is refused.
+    let mut acked: Vec<String> = alice.acks().into_keys().collect();
+    acked.sort();
+    assert_eq!(acked, (0..16).map(|i| format!("dead-{i:02}")).collect::<Vec<_>>());
     let errors = alice.events("error");
-    assert!(!errors.is_empty(), "no `unavailable` although the queue toward the broker holds 16");
+    let refused: Vec<&str> = errors.iter().map(|e| e["clientMessageId"].as_str().unwrap()).collect();
+    assert_eq!(refused, (16..24).map(|i| format!("dead-{i:02}")).collect::<Vec<_>>());
     assert!(errors.iter().all(|e| e["code"] == json!("unavailable")), "{errors:?}");
-    // Each refused message waited at most --broker-timeout (1 s): bounded, never forever.
-    assert!(answered_in < Duration::from_secs(2 * errors.len() as u64 + 5), "took {answered_in:?}");
+    assert!(
+        answered_in >= Duration::from_secs(8) && answered_in < Duration::from_millis(9_500),
+        "8 refusals of 1 s each took {answered_in:?}"
+    );
+    // A message to 50 recipients waits once, as a whole, and is refused as a whole.
+    let t1 = Instant::now();
+    let many: Vec<String> = (0..50).map(|i| format!("r{i}")).collect();
+    let f = json!({"event": "send_chat_message_to_many_participants",
+        "data": {"participantIds": many, "message": "to many", "clientMessageId": "many"}});
+    alice.sink.send(Message::text(f.to_string())).await.unwrap();
+    wait_until("the group send is answered", Duration::from_secs(10), || alice.events("error").len() == 9).await;
+    let group_wait = t1.elapsed();
+    assert!(group_wait < Duration::from_millis(1_500), "a 50-recipient send blocked its session {group_wait:?}");
     // The connection is still usable.
     alice.sink.send(Message::text(r#"{"event":"ping"}"#)).await.unwrap();
     wait_until("pong", Duration::from_secs(5), || !alice.events("pong").is_empty()).await;
-    // When the link returns, the acked messages go out; the refused ones never do.
+    // When the link returns, the acked messages go out, in order; the refused ones never do —
+    // checked once a sentinel sent after the heal has arrived behind them.
     proxy.heal();
     wait_readyz(&a, 200, Duration::from_secs(10)).await;
-    let acked = alice.acks();
-    wait_until("acked messages delivered", Duration::from_secs(10), || bob.received_ids().len() >= acked.len()).await;
-    assert_acked_delivered_once(&alice, &bob, "dead-");
-    let refused: HashSet<String> = errors.iter().map(|e| e["clientMessageId"].as_str().unwrap().to_string()).collect();
-    let delivered_seqs: HashSet<String> =
+    alice.send_to("bob", "sentinel").await;
+    wait_until("the sentinel reaches bob", Duration::from_secs(10), || {
+        bob.events("chat_message").iter().any(|d| d["clientMessageId"] == json!("sentinel"))
+    })
+    .await;
+    let got: Vec<String> =
         bob.events("chat_message").iter().map(|d| d["clientMessageId"].as_str().unwrap().to_string()).collect();
-    assert!(refused.is_disjoint(&delivered_seqs), "a message refused with `unavailable` was delivered later");
-    eprintln!("dead broker: {} acked, {} unavailable, all answered in {answered_in:?}", acked.len(), errors.len());
+    let mut want = acked.clone();
+    want.push("sentinel".into());
+    assert_eq!(got, want, "bob received exactly the acked messages, in order, then the sentinel");
+    eprintln!(
+        "dead broker: 16 acked, 8 refused in {answered_in:?}, a 50-recipient send refused in {group_wait:?}; after the heal bob got the 16 in order"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

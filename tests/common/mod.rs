@@ -330,6 +330,11 @@ impl InstanceOpts {
         self.args.push(a.into());
         self
     }
+
+    pub fn args<S: Into<String>>(mut self, a: impl IntoIterator<Item = S>) -> Self {
+        self.args.extend(a.into_iter().map(Into::into));
+        self
+    }
 }
 
 /// A running `fanout serve` subprocess. Killed on drop; its output is printed if the test
@@ -858,6 +863,8 @@ pub fn read_all(mut r: impl Read) -> String {
 
 /// Headless Chromium over the DevTools protocol (real-browser tests).
 pub mod browser;
+/// Clients read in the background, for tests where sending and receiving overlap.
+pub mod peer;
 pub mod proxy;
 /// The native stack (scripts/stack.sh) on free ports, for end-to-end tests.
 pub mod stack;

@@ -1,6 +1,6 @@
 //! A fault-injecting TCP proxy for tests: sits between a fanout instance and its broker and
-//! can cut the link (close every connection and refuse new ones) or stall it (keep sockets
-//! open but forward nothing), then heal.
+//! can cut the link (close every connection and refuse new ones), stall it (keep sockets
+//! open but forward nothing), delay the broker's answers, then heal.
 
 use std::sync::Arc;
 
@@ -20,6 +20,8 @@ pub enum Mode {
 pub struct FaultProxy {
     pub port: u16,
     mode: Arc<watch::Sender<Mode>>,
+    /// Added to every chunk the broker sends (CONNACK, SUBACK, PUBACK, PUBLISH), in order.
+    delay: Arc<watch::Sender<std::time::Duration>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -31,6 +33,9 @@ impl FaultProxy {
         let (tx, _) = watch::channel(Mode::Pass);
         let mode = Arc::new(tx);
         let m = mode.clone();
+        let (dtx, _) = watch::channel(std::time::Duration::ZERO);
+        let delay = Arc::new(dtx);
+        let d = delay.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else { continue };
@@ -39,17 +44,18 @@ impl FaultProxy {
                     continue;
                 }
                 let rx = m.subscribe();
+                let delay = d.subscribe();
                 tokio::spawn(async move {
                     let Ok(upstream) = TcpStream::connect(("127.0.0.1", target)).await else { return };
                     let _ = client.set_nodelay(true);
                     let _ = upstream.set_nodelay(true);
                     let (cr, cw) = client.into_split();
                     let (ur, uw) = upstream.into_split();
-                    tokio::join!(pump(cr, uw, rx.clone()), pump(ur, cw, rx));
+                    tokio::join!(pump(cr, uw, rx.clone(), None), pump(ur, cw, rx, Some(delay)));
                 });
             }
         });
-        FaultProxy { port, mode, task }
+        FaultProxy { port, mode, delay, task }
     }
 
     pub fn url(&self) -> String {
@@ -67,6 +73,11 @@ impl FaultProxy {
     pub fn heal(&self) {
         self.mode.send_replace(Mode::Pass);
     }
+
+    /// Every byte the broker sends reaches the instance `d` later (order kept).
+    pub fn delay_answers(&self, d: std::time::Duration) {
+        self.delay.send_replace(d);
+    }
 }
 
 impl Drop for FaultProxy {
@@ -78,17 +89,30 @@ impl Drop for FaultProxy {
 
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
+    to: tokio::net::tcp::OwnedWriteHalf,
     mut mode: watch::Receiver<Mode>,
+    delay: Option<watch::Receiver<std::time::Duration>>,
 ) {
+    // Chunks go to a writer task with the time they are due, so a delay holds them back
+    // without holding back the reading (and without reordering).
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let writer = tokio::spawn(async move {
+        let mut to = to;
+        while let Some((due, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let m = *mode.borrow_and_update();
         match m {
-            Mode::Cut => return,
+            Mode::Cut => break,
             Mode::Stall => {
                 if mode.changed().await.is_err() {
-                    return;
+                    break;
                 }
                 continue;
             }
@@ -96,14 +120,22 @@ async fn pump(
         }
         tokio::select! {
             r = from.read(&mut buf) => match r {
-                Ok(0) | Err(_) => return,
+                Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if to.write_all(&buf[..n]).await.is_err() {
-                        return;
+                    let d = delay.as_ref().map(|d| *d.borrow()).unwrap_or_default();
+                    if tx.send((tokio::time::Instant::now() + d, buf[..n].to_vec())).is_err() {
+                        break;
                     }
                 }
             },
-            c = mode.changed() => if c.is_err() { return },
+            c = mode.changed() => if c.is_err() { break },
         }
+    }
+    if *mode.borrow() == Mode::Cut {
+        writer.abort();
+    } else {
+        // The peer closed: what was read still goes out (late), then the write side closes.
+        drop(tx);
+        let _ = writer.await;
     }
 }
