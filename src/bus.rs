@@ -14,7 +14,8 @@
 //! * **Publishes are owned by the bus until the broker's PUBACK.** An accepted publish (what an
 //!   `ack` promises) waits in the bus's own queue, bounded in bytes (`--publish-queue-bytes`;
 //!   a sender waits at most `--broker-timeout` for room, then gets `unavailable`). At most
-//!   [`WINDOW`] are given to rumqttc at once, so its flow control always holds (pitfall 34).
+//!   [`WINDOW`] publishes ([`WINDOW_BYTES`]) are given to rumqttc at once, so its flow control
+//!   always holds (pitfall 34) and its copies stay bounded.
 //!   When the link drops, the unacknowledged ones go back to the front of the queue in the order
 //!   they were accepted and are sent again after the reconnect — across any number of failures,
 //!   also when the broker lost the session.
@@ -57,6 +58,9 @@ pub const ENVELOPE_SLACK: usize = 8 * 1024;
 /// Most publishes given to rumqttc at once (written or waiting to be, not yet acknowledged).
 /// At 16,000 msg/s on loopback a handful are out; across a 100 ms link this allows ~5,000/s.
 pub const WINDOW: usize = 512;
+/// Most payload bytes given to rumqttc at once: it holds a copy of each publish until its
+/// PUBACK, so memory for accepted messages is at most `--publish-queue-bytes` plus this.
+pub const WINDOW_BYTES: usize = 4 << 20;
 /// rumqttc's in-flight limit, which is also the range its packet ids cycle through. Larger than
 /// [`WINDOW`] so SUBSCRIBEs (which take packet ids too) rarely bring a publish's id round again
 /// while it is in flight; if one does, rumqttc holds it back until the id is free (no loss).
@@ -188,7 +192,7 @@ impl Bus {
             client,
             state: Mutex::new(State {
                 subs: Subs::default(),
-                out: Outbound::new(WINDOW),
+                out: Outbound::new(WINDOW, WINDOW_BYTES),
                 up: false,
                 stopping: false,
                 stop_deadline: None,

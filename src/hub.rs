@@ -355,6 +355,46 @@ mod tests {
     }
 
     #[test]
+    fn the_duplicate_filter_forgets_an_id_after_1024_newer_ones() {
+        let hub = Hub::new();
+        let (a, _ra) = conn(1, usize::MAX);
+        hub.add("dave", a);
+        let m = Message::text("x");
+        let first = 1u128 << 100 | 7;
+        assert!(!hub.deliver("dave", Some(first), &m).unwrap().duplicate);
+        for i in 0..(RECENT_IDS as u128 - 1) {
+            assert!(!hub.deliver("dave", Some(i), &m).unwrap().duplicate);
+        }
+        // 1,024 ids remembered: the first is still a duplicate...
+        assert!(hub.deliver("dave", Some(first), &m).unwrap().duplicate);
+        // ...until one more new id pushes it out.
+        assert!(!hub.deliver("dave", Some(5_000), &m).unwrap().duplicate);
+        assert!(!hub.deliver("dave", Some(first), &m).unwrap().duplicate, "an evicted id is delivered again");
+        // The filter is per user and goes with the user's last connection.
+        hub.remove("dave", 1);
+        let (b, _rb) = conn(2, usize::MAX);
+        hub.add("dave", b);
+        assert!(!hub.deliver("dave", Some(5_000), &m).unwrap().duplicate);
+    }
+
+    #[test]
+    #[ignore = "a measurement, not a check: cargo test --release --lib dedupe_cost -- --ignored --nocapture"]
+    fn dedupe_cost() {
+        let mut recent = VecDeque::new();
+        for i in 0..RECENT_IDS as u128 {
+            seen(&mut recent, Some(i));
+        }
+        let n = 1_000_000u128;
+        let t = std::time::Instant::now();
+        let mut dups = 0;
+        for i in 0..n {
+            dups += seen(&mut recent, Some(i + 10_000)) as usize;
+        }
+        let per = t.elapsed() / n as u32;
+        eprintln!("seen() with a full {RECENT_IDS}-id window: {per:?} per message ({dups} dups)");
+    }
+
+    #[test]
     fn outbox_overflow_is_by_bytes_and_sticky() {
         let (ob, _rx) = Outbox::new(10);
         assert_eq!(ob.push(Message::text("123456")), Push::Queued);

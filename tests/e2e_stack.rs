@@ -266,7 +266,7 @@ async fn sigterm_through_nginx_closes_1001_loses_no_acked_message_and_clients_re
     let pid = pid.trim().to_string();
     assert!(pid.parse::<u32>().is_ok_and(|p| p > 1), "pid file: {pid:?}");
 
-    // 30 messages back to back (within the default burst of 40); SIGTERM after the 15th.
+    // 30 messages back to back (within the default burst of 100); SIGTERM after the 15th.
     for i in 0..30 {
         let f = json!({"event": "send_chat_message_to_participant",
             "data": {"participantId": "bob", "message": i, "clientMessageId": format!("m{i}")}});

@@ -51,6 +51,9 @@ pub struct Entry {
 #[derive(Debug)]
 pub struct Outbound {
     window: usize,
+    /// Most payload bytes handed or in flight at once (rumqttc holds a copy of each).
+    window_bytes_max: usize,
+    window_bytes: usize,
     next_seq: u64,
     queued: VecDeque<Entry>,
     handed: VecDeque<Entry>,
@@ -59,9 +62,13 @@ pub struct Outbound {
 }
 
 impl Outbound {
-    pub fn new(window: usize) -> Self {
+    /// At most `window` publishes and `window_bytes` payload bytes are handed or in flight at
+    /// once (one publish always may be, however large).
+    pub fn new(window: usize, window_bytes: usize) -> Self {
         Outbound {
             window: window.max(1),
+            window_bytes_max: window_bytes,
+            window_bytes: 0,
             next_seq: 0,
             queued: VecDeque::new(),
             handed: VecDeque::new(),
@@ -100,10 +107,14 @@ impl Outbound {
     /// The next publish to give rumqttc, when the window has room: its topic and payload.
     /// Call [`Outbound::unhand`] if it could not be given.
     pub fn hand(&mut self) -> Option<(&str, &Bytes)> {
-        if self.in_window() >= self.window {
+        let next = self.queued.front()?;
+        let in_window = self.in_window();
+        if in_window >= self.window || (in_window > 0 && self.window_bytes + next.payload.len() > self.window_bytes_max)
+        {
             return None;
         }
         let e = self.queued.pop_front()?;
+        self.window_bytes += e.payload.len();
         self.handed.push_back(e);
         self.handed.back().map(|e| (e.topic.as_str(), &e.payload))
     }
@@ -112,6 +123,7 @@ impl Outbound {
     /// first in line.
     pub fn unhand(&mut self) {
         if let Some(e) = self.handed.pop_back() {
+            self.window_bytes -= e.payload.len();
             self.queued.push_front(e);
         }
     }
@@ -123,6 +135,7 @@ impl Outbound {
         if let Some(old) = self.inflight.insert(pkid, e) {
             // rumqttc reported a packet id we still count as in flight: our view is stale. The
             // older publish is sent again rather than forgotten (a copy, never a loss).
+            self.window_bytes -= old.payload.len();
             self.requeue(old);
         }
         true
@@ -132,6 +145,7 @@ impl Outbound {
     pub fn acked(&mut self, pkid: u16) -> Option<usize> {
         let e = self.inflight.remove(&pkid)?;
         self.bytes -= e.cost;
+        self.window_bytes -= e.payload.len();
         Some(e.permits)
     }
 
@@ -140,6 +154,7 @@ impl Outbound {
     pub fn link_lost(&mut self) -> usize {
         let mut back: Vec<Entry> = self.inflight.drain().map(|(_, e)| e).chain(self.handed.drain(..)).collect();
         back.sort_by_key(|e| e.seq);
+        self.window_bytes = 0;
         let n = back.len();
         for e in back.into_iter().rev() {
             self.queued.push_front(e);
@@ -157,6 +172,7 @@ impl Outbound {
         self.handed.clear();
         self.inflight.clear();
         self.bytes = 0;
+        self.window_bytes = 0;
         (n, permits)
     }
 
@@ -443,7 +459,7 @@ mod tests {
     use super::*;
 
     fn out_with(n: usize, window: usize) -> Outbound {
-        let mut o = Outbound::new(window);
+        let mut o = Outbound::new(window, usize::MAX);
         for i in 0..n {
             o.push(format!("msg/u{i}"), Bytes::from(format!("m{i}")), 1);
         }
@@ -525,6 +541,23 @@ mod tests {
     }
 
     #[test]
+    fn the_window_is_bounded_in_bytes_too_but_always_takes_one() {
+        let mut o = Outbound::new(100, 10);
+        o.push("t".into(), Bytes::from_static(b"123456"), 1);
+        o.push("t".into(), Bytes::from_static(b"123456"), 1);
+        o.push("t".into(), Bytes::from_static(&[b'x'; 50]), 1);
+        assert_eq!(hand_all(&mut o), ["123456"], "a second 6-byte payload would pass 10 bytes");
+        o.written(1);
+        o.acked(1);
+        assert_eq!(hand_all(&mut o), ["123456"]);
+        o.written(2);
+        o.acked(2);
+        assert_eq!(hand_all(&mut o).len(), 1, "one publish larger than the cap still goes alone");
+        o.unhand();
+        assert_eq!(hand_all(&mut o).len(), 1, "unhand gives its bytes back");
+    }
+
+    #[test]
     fn unhand_puts_the_publish_first_in_line() {
         let mut o = out_with(3, 10);
         assert!(o.hand().is_some());
@@ -546,7 +579,7 @@ mod tests {
 
     #[test]
     fn bytes_and_permits_are_given_back_on_ack_and_counted_on_abandon() {
-        let mut o = Outbound::new(10);
+        let mut o = Outbound::new(10, usize::MAX);
         o.push("msg/a".into(), Bytes::from_static(b"hello"), 70);
         o.push("msg/b".into(), Bytes::from_static(b"hi"), 5);
         assert_eq!(o.bytes(), cost("msg/a", b"hello") + cost("msg/b", b"hi"));

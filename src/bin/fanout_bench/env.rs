@@ -124,7 +124,7 @@ pub async fn start_instances(
             .args(["--mqtt-url", &format!("mqtt://127.0.0.1:{broker_port}")])
             .args(["--instance-id", &id, "--jwt-secret", secret])
             .args(["--rate-limit", "100000", "--rate-burst", "100000"])
-            .args(["--max-connections", "1000000", "--publish-queue", "65536"])
+            .args(["--max-connections", "1000000", "--publish-queue-bytes", "1GiB"])
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
