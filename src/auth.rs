@@ -190,6 +190,12 @@ impl Verifier {
             Some(_) => return Err(AuthError::Malformed),
             None => return Err(AuthError::MissingExp),
         };
+        // The leeway is for `nbf` (a clock a little ahead of ours); `exp` is not extended: a
+        // connection accepted past its `exp` would only be closed with 4001 at once, and a
+        // client reconnecting with the same token would loop.
+        if expires_at.saturating_mul(1000) <= unix_millis() {
+            return Err(AuthError::Expired);
+        }
         let user_id = match claims.sub {
             Some(serde_json::Value::String(s)) => s,
             Some(_) => return Err(AuthError::BadSub("not a string")),
@@ -320,6 +326,14 @@ mod tests {
         assert_eq!(v().verify(&f).unwrap().expires_at, MAX_EXPIRES_AT);
         let t = sign(json!({"sub":"a","exp":MAX_EXPIRES_AT - 1}));
         assert_eq!(v().verify(&t).unwrap().expires_at, MAX_EXPIRES_AT - 1);
+    }
+
+    #[test]
+    fn an_expired_token_is_refused_without_leeway_and_nbf_keeps_it() {
+        let t = sign(json!({"sub":"a","exp":unix_now() - 1}));
+        assert_eq!(v().verify(&t), Err(AuthError::Expired));
+        let t = sign(json!({"sub":"a","exp":unix_now() + 60,"nbf":unix_now() + LEEWAY_SECS - 2}));
+        assert!(v().verify(&t).is_ok(), "nbf a few seconds ahead is clock skew");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, Instrument};
 
-use crate::auth::{unix_millis, unix_now, Identity};
+use crate::auth::{unix_millis, Identity};
 use crate::bus::Bus;
 use crate::config::Config;
 use crate::hub::{Added, ConnRef, Hub, Outbox, OutboxRx};
@@ -140,7 +140,8 @@ async fn run(ws: Socket, id: Identity, conn_id: uuid::Uuid, sh: Arc<Shared>) {
 
     let mut limiter = RateLimiter::new(sh.cfg.rate_limit, sh.cfg.rate_burst);
     let now = tokio::time::Instant::now();
-    let lifetime = Duration::from_secs(id.expires_at.saturating_sub(unix_now()));
+    // To the millisecond: `exp` is in seconds, "now" is not.
+    let lifetime = Duration::from_millis(id.expires_at.saturating_mul(1000).saturating_sub(unix_millis()));
     // `exp` is capped by auth; a far deadline still must not overflow the timer.
     let expiry = now.checked_add(lifetime).unwrap_or(now + Duration::from_secs(100 * 365 * 24 * 3600));
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + sh.cfg.ping_interval, sh.cfg.ping_interval);

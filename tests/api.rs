@@ -201,6 +201,9 @@ async fn refusals_401_400_and_404_never_reach_the_broker() {
     let r = request(a.port, "POST", "/api/publish", &[("Authorization", &auth)], body.as_bytes(), true).await;
     assert_eq!(r.status, 202, "small chunked body: {r:?}");
 
+    // Every request was answered; once the publish queue is empty, everything accepted has its
+    // PUBACK and counts as published.
+    a.wait_metric("fanout_publish_queue_messages", |v| v == 0.0, Duration::from_secs(5)).await;
     assert_eq!(a.metric("fanout_messages_published_total").await, Some(1.0), "only the last request was published");
     assert_eq!(a.metric("fanout_api_publish_requests_total{result=\"unauthorized\"}").await, Some(6.0));
     assert_eq!(a.metric("fanout_api_publish_requests_total{result=\"bad_request\"}").await, Some(12.0));

@@ -938,6 +938,13 @@ fn token_cases() -> Vec<TokenCase> {
             Unauthorized,
         ),
         c(
+            "expired 2 s ago (exp gets no leeway: it would be closed with 4001 at once)",
+            Secret,
+            hs(SECRET.as_bytes(), Algorithm::HS256, &json!({"sub":"mallory","exp":now - 2})),
+            Subprotocol,
+            Unauthorized,
+        ),
+        c(
             "nbf two minutes ahead",
             Secret,
             hs(SECRET.as_bytes(), Algorithm::HS256, &json!({"sub":"mallory","nbf":now + 120,"exp":now + 3600})),

@@ -119,22 +119,47 @@ async fn pump(
             Mode::Pass => {}
         }
         tokio::select! {
+            biased;
+            c = mode.changed() => if c.is_err() { break },
             r = from.read(&mut buf) => match r {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
+                    // The mode may have changed while this read was pending (a busy machine
+                    // runs this task late): bytes read after a stall wait for the heal, bytes
+                    // read after a cut are dropped.
+                    loop {
+                        let m = *mode.borrow_and_update();
+                        match m {
+                            Mode::Pass => break,
+                            Mode::Cut => return finish(tx, writer, true).await,
+                            Mode::Stall => {}
+                        }
+                        if mode.changed().await.is_err() {
+                            return finish(tx, writer, true).await;
+                        }
+                    }
                     let d = delay.as_ref().map(|d| *d.borrow()).unwrap_or_default();
                     if tx.send((tokio::time::Instant::now() + d, buf[..n].to_vec())).is_err() {
                         break;
                     }
                 }
             },
-            c = mode.changed() => if c.is_err() { break },
         }
     }
-    if *mode.borrow() == Mode::Cut {
+    let cut = *mode.borrow() == Mode::Cut;
+    finish(tx, writer, cut).await;
+}
+
+/// Ends one direction: on a cut at once; when the peer closed, after what was read went out
+/// (late, if delayed).
+async fn finish(
+    tx: tokio::sync::mpsc::UnboundedSender<(tokio::time::Instant, Vec<u8>)>,
+    writer: tokio::task::JoinHandle<()>,
+    cut: bool,
+) {
+    if cut {
         writer.abort();
     } else {
-        // The peer closed: what was read still goes out (late), then the write side closes.
         drop(tx);
         let _ = writer.await;
     }
