@@ -19,7 +19,7 @@ const DEFAULTS = {
   maxQueue: 1000,
   dedupeSize: 1000,
   maxMessageBytes: 65536,
-  rateLimit: { perSecond: 18, burst: 100 },
+  rateLimit: { perSecond: 18, burst: 40 },
   probe: true,
 };
 
@@ -148,7 +148,7 @@ export class Client {
     this.info = null;
     /** Counters, for tests and dashboards. */
     this.stats = {
-      connects: 0, refreshes: 0, resent: 0, duplicatesDropped: 0, deadConnections: 0, tokenCalls: 0,
+      connects: 0, refreshes: 0, sent: 0, resent: 0, duplicatesDropped: 0, deadConnections: 0, tokenCalls: 0,
     };
     this._listeners = new Map();
     this._active = false;
@@ -520,10 +520,12 @@ export class Client {
 
   /** After a refused handshake: the HTTP status if it can be known, and the server's reason. */
   async _whyRefused(conn) {
+    // Node's `ws` names the status ("Unexpected server response: 401"); browsers do not.
     const m = /\b([1-5]\d\d)\b/.exec(conn.errorMessage || '');
-    if (m && /response|status/i.test(conn.errorMessage)) return { status: Number(m[1]) };
+    const known = m && /response|status/i.test(conn.errorMessage) ? { status: Number(m[1]) } : null;
+    if (known && known.status !== 401) return known;
     const fetch = this._o.fetch || globalThis.fetch;
-    if (!this._o.probe || typeof fetch !== 'function' || this._o.tokenTransport === 'query') return {};
+    if (!this._o.probe || typeof fetch !== 'function' || this._o.tokenTransport === 'query') return known || {};
     // The same request without the upgrade: 401 {"message": why} for a bad token, 426 for a
     // good one (so the refusal was something else).
     try {
@@ -540,12 +542,13 @@ export class Client {
         if (r.status === 401) {
           try { message = String((await r.json()).message || ''); } catch { /* not JSON */ }
         }
-        return { status: r.status, message };
+        // A 401 from the socket stays a 401 even if the probe saw something else meanwhile.
+        return known ? { status: 401, message } : { status: r.status, message };
       } finally {
         clearTimeout(t);
       }
     } catch {
-      return {}; // network down, or a cross-origin page without CORS: unknown
+      return known || {}; // network down, or a cross-origin page without CORS: unknown
     }
   }
 
@@ -938,6 +941,7 @@ export class Client {
         return;
       }
       if (!this._write(c, p.text)) return;
+      this.stats.sent++;
       if (p.writes > 0) this.stats.resent++;
       p.writes++;
       p.conn = c;

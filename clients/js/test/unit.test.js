@@ -17,6 +17,7 @@ function client(opts = {}) {
     getToken: async () => `tok.${++tokens}.sig`,
     WebSocket: FakeSocket,
     rateLimit: null,
+    probe: false, // no real HTTP from unit tests; the probe test passes its own fetch
     ...opts,
   });
   c.events = [];
@@ -255,7 +256,7 @@ test('refused upgrade seen as a bare 1006 (browser): the probe tells 401 from ot
     calls.push({ url, auth: init.headers.authorization });
     return { status: answer, json: async () => ({ error: 'unauthorized', message: 'token expired' }) };
   };
-  const c = client({ fetch, maxAuthFailures: 2, url: 'wss://h/entrypoint' });
+  const c = client({ fetch, probe: true, maxAuthFailures: 2, url: 'wss://h/entrypoint' });
   const done = c.connect().catch((e) => e);
   await settle();
   FakeSocket.last.refuseSilently();
