@@ -78,6 +78,10 @@ export function describeClose(code) {
   }
 }
 
+function clampDelay(ms) {
+  return Math.min(Math.max(0, Number(ms) || 0), MAX_TIMER);
+}
+
 function isEnvelope(d) {
   return d !== null && typeof d === 'object' && typeof d.id === 'string' && typeof d.from === 'string'
     && 'message' in d && typeof d.sentAt === 'number';
@@ -115,7 +119,8 @@ class Conn {
     this.timers = new Set();
   }
   after(ms, fn) {
-    const t = setTimeout(() => { this.timers.delete(t); fn(); }, Math.min(Math.max(0, ms), MAX_TIMER));
+    if (this.closed) return null; // a closed connection keeps no timer (and no process) alive
+    const t = setTimeout(() => { this.timers.delete(t); fn(); }, clampDelay(ms));
     this.timers.add(t);
     return t;
   }
@@ -296,7 +301,7 @@ export class Client {
     let timer;
     const timeout = new Promise((_, reject) => {
       timer = setTimeout(() => reject(new Error(`getToken did not answer within ${this._o.connectTimeout} ms`)),
-        this._o.connectTimeout);
+        clampDelay(this._o.connectTimeout));
     });
     try {
       const t = await Promise.race([Promise.resolve().then(() => this._o.getToken()), timeout]);
@@ -372,14 +377,10 @@ export class Client {
     try {
       sock = this._newSocket(token);
     } catch (e) {
-      const err = new FanoutError('connection_failed', `cannot open a WebSocket: ${e && e.message ? e.message : e}`,
-        { cause: e });
-      if (e instanceof TypeError && /no WebSocket/.test(e.message)) {
-        this._fail(err);
-        return;
-      }
-      this._emit('error', err);
-      this._retry({ code: null, reason: err.message, wasConnected: false, error: err });
+      // No WebSocket, a malformed URL, a token that cannot be a subprotocol: trying again
+      // would fail the same way.
+      this._fail(new FanoutError('connection_failed', `cannot open a WebSocket: ${e && e.message ? e.message : e}`,
+        { cause: e }));
       return;
     }
     const conn = new Conn(sock, token);
@@ -561,7 +562,7 @@ export class Client {
     this._emit('disconnected', { ...info, reconnectIn: d });
     clearTimeout(this._reconnectTimer);
     this._reconnectAt = Date.now() + d;
-    this._reconnectTimer = setTimeout(() => this._startPrimary(), Math.min(d, MAX_TIMER));
+    this._reconnectTimer = setTimeout(() => this._startPrimary(), clampDelay(d));
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -870,7 +871,7 @@ export class Client {
         }
         this._settle(p, null, new FanoutError('timeout', `not sent within ${total} ms (not connected)`,
           { clientMessageId: cmid }));
-      }, Math.min(total, MAX_TIMER));
+      }, clampDelay(total));
     }
     this._flush();
     return p.promise;
@@ -917,7 +918,7 @@ export class Client {
     if (c && !c.closed && !p.probed) {
       p.probed = true;
       this._ping(c);
-      p.ackTimer = setTimeout(() => this._ackOverdue(p), this._o.pongTimeout);
+      p.ackTimer = setTimeout(() => this._ackOverdue(p), clampDelay(this._o.pongTimeout));
       return;
     }
     this._settle(p, null, new FanoutError('timeout',
@@ -936,7 +937,7 @@ export class Client {
       const wait = this._take(p.cost);
       if (wait > 0) {
         if (this._flushTimer === null) {
-          this._flushTimer = setTimeout(() => { this._flushTimer = null; this._flush(); }, wait);
+          this._flushTimer = setTimeout(() => { this._flushTimer = null; this._flush(); }, clampDelay(wait));
         }
         return;
       }
@@ -947,7 +948,7 @@ export class Client {
       p.conn = c;
       clearTimeout(p.ackTimer);
       p.probed = false;
-      p.ackTimer = setTimeout(() => this._ackOverdue(p), this._o.ackTimeout);
+      p.ackTimer = setTimeout(() => this._ackOverdue(p), clampDelay(this._o.ackTimeout));
     }
   }
 }

@@ -859,3 +859,131 @@ test('Node without a global WebSocket and no option: a clear fatal error', async
   assert.equal(err.code, 'connection_failed');
   assert.match(err.message, /pass \{ WebSocket \}/);
 });
+
+// ---------------------------------------------------------------------------------------------
+// a hostile server, a flapping network, an app that does odd things
+
+test('close() from inside the connected listener: nothing keeps running', async () => {
+  const c = client({ refreshBefore: 30000 });
+  c.on('connected', () => c.close());
+  c.connect();
+  await settle();
+  FakeSocket.last.accept({ expiresAt: Math.floor(Date.now() / 1000) + 3600 });
+  assert.equal(c.state, 'disconnected');
+  tick(10_000_000);
+  await settle();
+  assert.equal(FakeSocket.instances.length, 1, 'no refresh, no reconnect');
+});
+
+test('connect(), close(), connect() while getToken is still pending: one live socket, the latest', async () => {
+  let release;
+  const c = client({ getToken: () => new Promise((r) => { release = r; }) });
+  c.connect();
+  await settle();
+  const first = release;
+  c.close();
+  c.connect();
+  await settle();
+  const second = release;
+  assert.notEqual(first, second);
+  first('old.token.sig');
+  await settle();
+  assert.equal(FakeSocket.instances.length, 0, 'the stale token opens nothing');
+  second('new.token.sig');
+  await settle();
+  assert.equal(FakeSocket.instances.length, 1);
+  assert.deepEqual(FakeSocket.last.protocols, ['bearer', 'new.token.sig']);
+  c.close();
+});
+
+test('a token that cannot be a subprotocol (or a bad URL): a clear fatal error, no retry loop', async () => {
+  class Strict extends FakeSocket {
+    constructor(url, protocols) {
+      if ([].concat(protocols).some((p) => /\s/.test(p))) throw new SyntaxError('invalid subprotocol');
+      super(url, protocols);
+    }
+  }
+  const c = client({ WebSocket: Strict, getToken: async () => 'has a space' });
+  const err = await c.connect().catch((e) => e);
+  assert.equal(err.code, 'connection_failed');
+  assert.match(err.message, /invalid subprotocol/);
+  tick(600000);
+  await settle();
+  assert.equal(c.state, 'disconnected');
+});
+
+test('flapping: accepted, then closed at once, again and again: the backoff keeps growing, sends survive', async () => {
+  const c = client({ random: () => 1, reconnect: { maxDelay: 8000 } });
+  const p = c.send('bob', 'survives the flapping');
+  c.connect();
+  const delays = [];
+  c.on('disconnected', (d) => delays.push(d.reconnectIn));
+  for (let i = 0; i < 6; i++) {
+    await settle();
+    const s = FakeSocket.last;
+    s.accept();
+    assert.equal(s.chats().length, 1, 'written on each connection');
+    s.serverClose(i % 2 ? 1006 : 1001);
+    tick(delays[i]);
+  }
+  assert.deepEqual(delays, [1000, 2000, 4000, 8000, 8000, 8000]);
+  await settle();
+  const s = FakeSocket.last;
+  s.accept();
+  const f = s.chats()[0];
+  assert.equal(f.data.message, 'survives the flapping');
+  assert.equal(c.stats.resent, 6, 'the same message, resent on each new connection');
+  s.ack(f.data.clientMessageId, 'finally');
+  assert.equal(await p, 'finally');
+  c.close();
+});
+
+test('acks for resent messages arriving on the new socket, plus stale and duplicate acks, settle each send once', async () => {
+  const c = client();
+  let s = await connected(c);
+  const ps = Array.from({ length: 50 }, (_, i) => c.send('bob', i));
+  const first = s.chats();
+  for (const f of first.slice(0, 20)) s.ack(f.data.clientMessageId, `id-${f.data.message}`);
+  s.serverClose(1006);
+  tick(2000);
+  await settle();
+  s = FakeSocket.last;
+  s.accept();
+  const again = s.chats();
+  assert.deepEqual(again.map((f) => f.data.message), Array.from({ length: 30 }, (_, i) => i + 20));
+  // Acks in reverse, each twice, and the old ones again.
+  for (const f of [...again].reverse()) {
+    s.ack(f.data.clientMessageId, `id-${f.data.message}`);
+    s.ack(f.data.clientMessageId, 'a second, different id');
+  }
+  for (const f of first.slice(0, 20)) s.ack(f.data.clientMessageId, 'stale');
+  const ids = await Promise.all(ps);
+  assert.deepEqual(ids, Array.from({ length: 50 }, (_, i) => `id-${i}`));
+  assert.equal(c.pendingCount, 0);
+  c.close();
+});
+
+test('the server answers nothing but pongs: sends time out one by one, the connection stays', async () => {
+  const c = client({ ackTimeout: 1000, pongTimeout: 300 });
+  const s = await connected(c);
+  const p = c.send('bob', 'x');
+  tick(1000);
+  s.push({ event: 'pong', data: {} });
+  tick(300);
+  assert.equal((await p.catch((e) => e)).code, 'timeout');
+  assert.equal(c.state, 'connected');
+  c.close();
+});
+
+test('huge option values do not overflow setTimeout into an immediate fire', async () => {
+  const c = client({ ackTimeout: 1e12, pingInterval: 1e12, sendTimeout: 1e12 });
+  const s = await connected(c);
+  const p = c.send('bob', 'x');
+  tick(1000);
+  await settle();
+  assert.equal(c.pendingCount, 1, 'still waiting for its ack');
+  assert.equal(s.frames().filter((f) => f.event === 'ping').length, 0);
+  s.ack(s.chats()[0].data.clientMessageId, 'ok');
+  assert.equal(await p, 'ok');
+  c.close();
+});
