@@ -15,6 +15,7 @@ const DEFAULTS = {
   pongTimeout: 10000,
   stableAfter: 5000,
   refreshBefore: 30000,
+  refreshOverlap: 2000,
   maxAuthFailures: 3,
   maxQueue: 1000,
   dedupeSize: 1000,
@@ -637,9 +638,13 @@ export class Client {
       old.retiring = true;
       old.clearTimers();
       this._retiring.add(old);
-      // Its acks may still come; after ackTimeout it goes anyway.
-      old.after(this._o.ackTimeout, () => this._retire(old, true));
-      this._retire(old, false);
+      // A message published just before the new connection's subscription was confirmed is
+      // still on its way to the old one: keep it open a little (refreshOverlap), and until its
+      // acks are in; after ackTimeout it goes anyway.
+      const overlap = clampDelay(this._o.refreshOverlap);
+      old.graceUntil = Date.now() + overlap;
+      old.after(Math.max(overlap, this._o.ackTimeout), () => this._retire(old, true));
+      old.after(overlap, () => this._retire(old, false));
     }
     const noLater = old && old.info && next.info.expiresAt <= old.info.expiresAt;
     if (!noLater) this._scheduleRefresh(next);
@@ -651,6 +656,7 @@ export class Client {
   _retire(old, force) {
     if (old.closed) return;
     if (!force) {
+      if (Date.now() < (old.graceUntil || 0)) return;
       for (const p of this._pending.values()) if (p.conn === old) return;
     }
     this._discard(old, 1000, 'token refreshed');

@@ -129,6 +129,8 @@ export interface ClientOptions {
   stableAfter?: number;
   /** Open a new connection with a fresh token this long before `expiresAt` (at most a quarter of the lifetime), ms (default 30000; 0 = only after 4001). */
   refreshBefore?: number;
+  /** After a refresh, how long the old connection stays open for messages still on their way to it, ms (default 2000). */
+  refreshOverlap?: number;
   /** Refused tokens in a row before the client stops with `unauthorized` (default 3). */
   maxAuthFailures?: number;
   /** Sends waiting for an ack, at most (default 1000); beyond it `queue_full`. */

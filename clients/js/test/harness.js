@@ -166,9 +166,13 @@ export class Stack {
     await until(() => !alive(pid), 20000, `instance ${id} (pid ${pid}) to exit`);
   }
 
-  /** Sends `signal` to instance `id` (e.g. SIGSTOP to freeze it). */
-  signal(id, signal) {
-    process.kill(this.pid(`fanout-${id}`), signal);
+  /** Sends `signal` to instance `id`; for SIGSTOP, waits until the process is stopped. */
+  async signal(id, signal) {
+    const pid = this.pid(`fanout-${id}`);
+    process.kill(pid, signal);
+    if (signal === 'SIGSTOP') {
+      await until(() => /\) T /.test(fs.readFileSync(`/proc/${pid}/stat`, 'utf8')), 5000, `instance ${id} stopped`);
+    }
   }
 
   /** Kills the broker (an abrupt outage for every instance). */

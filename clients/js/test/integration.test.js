@@ -58,7 +58,7 @@ test('the instance a client is on dies behind nginx: it reconnects to the other 
   await until(() => counts(b).get('m99'), 15000, 'm99 at bob');
   // Freeze alice's instance: what she sends now is written to its socket but never read, so
   // never acked; then kill it. Those sends are in flight when the connection dies.
-  stack.signal(first.instanceId, 'SIGSTOP');
+  await stack.signal(first.instanceId, 'SIGSTOP');
   const before = a.stats.sent;
   for (let i = 100; i < 120; i++) send(i);
   await until(() => a.stats.sent >= before + 20, 5000, 'the 20 sends written to the frozen instance');

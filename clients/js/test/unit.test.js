@@ -782,7 +782,14 @@ test('refresh: a new connection before the token expires; the app stays connecte
   assert.equal(s2.chats().length, 0, 'b waits behind a (order)');
   s1.ack(s1.chats()[0].data.clientMessageId, 'id-a');
   assert.equal(await a, 'id-a');
-  assert.equal(s1.closedByClient.code, 1000, 'the old socket closes once its acks are in');
+  // A message published just before the new subscription still reaches the old socket.
+  const late = { event: 'chat_message', data: { id: 'x1', from: 'bob', to: 'alice', message: 'late', sentAt: 1 } };
+  s1.push(late);
+  s2.push(late);
+  assert.deepEqual(c.messages.map((m) => m.message), ['late'], 'once, though both sockets got it');
+  assert.equal(s1.closedByClient, null, 'kept for refreshOverlap');
+  tick(2000);
+  assert.equal(s1.closedByClient.code, 1000, 'closed after the overlap, its acks being in');
   assert.equal(s2.chats()[0].data.message, 'b');
   s2.ack(s2.chats()[0].data.clientMessageId, 'id-b');
   assert.equal(await b, 'id-b');
@@ -838,6 +845,7 @@ test('refresh that fails (refused, getToken error) retries; 4001 still reconnect
   const s3 = FakeSocket.last;
   assert.notEqual(s3, s2);
   s3.accept({ expiresAt: exp + 40 });
+  tick(2000); // refreshOverlap
   assert.ok(s1.closedByClient);
   assert.equal(c.state, 'connected');
   c.close();
