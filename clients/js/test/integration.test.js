@@ -251,3 +251,23 @@ test('a refused token: getToken is asked again each time, then a clear error', a
   assert.equal(calls, 3);
   assert.equal(a.state, 'disconnected');
 });
+
+test('100 sends queued before connecting go out after it, paced under the server\'s default rate limit, in order', async (t) => {
+  const stack = await Stack.up(1); // default --rate-limit / --rate-burst
+  t.after(() => stack.down());
+  const alice = unique('alice-');
+  const bob = unique('bob-');
+  const b = newClient(stack.wsUrl, bob);
+  t.after(() => b.close());
+  await b.connect();
+  const a = newClient(stack.wsUrl, alice);
+  t.after(() => a.close());
+  const sends = Array.from({ length: 100 }, (_, i) => a.send(bob, `q${i}`).catch((e) => e));
+  assert.equal(a.pendingCount, 100);
+  await a.connect();
+  const results = await Promise.all(sends);
+  const failed = results.filter((r) => r instanceof Error).map((e) => e.code);
+  assert.deepEqual(failed, [], 'none rejected (no rate_limited)');
+  await until(() => b.messages.length >= 100, 15000, 'all 100 at bob');
+  assert.deepEqual(b.messages.map((m) => m.message), Array.from({ length: 100 }, (_, i) => `q${i}`));
+});
