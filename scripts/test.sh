@@ -46,3 +46,17 @@ cargo test --release --all-targets --no-fail-fast
 echo "test.sh: fanout-bench --smoke"
 cargo build --release --bins
 target/release/fanout-bench --smoke --out target/bench-smoke
+
+# ---- JavaScript client (clients/js) ------------------------------------------------------
+# Node is on every machine (>= 20). `npm ci` installs the dev dependencies (ws, typescript)
+# from the committed lockfile; the client itself has none. Unit tests use a fake socket; the
+# integration tests drive target/release/fanout (built above) with Mosquitto and nginx via
+# scripts/stack.sh on free ports.
+echo "test.sh: clients/js: npm ci, typecheck, unit and integration tests"
+(
+  cd clients/js
+  npm ci --no-audit --no-fund
+  npm run --silent typecheck
+  FANOUT_BIN="$PWD/../../target/release/fanout" npm test
+  FANOUT_BIN="$PWD/../../target/release/fanout" npm run --silent test:integration
+)

@@ -1,7 +1,7 @@
 //! HTTP routes (warp): the WebSocket upgrade with authentication before any upgrade,
 //! `/healthz`, `/readyz`, `/metrics`, the publish API (`/api/publish`, [`crate::api`]), its
-//! OpenAPI document (`/api/openapi.json`), the chat page (`/`) and, with the development
-//! secret only, `/dev/token`.
+//! OpenAPI document (`/api/openapi.json`), the chat page (`/`), the JavaScript client it uses
+//! (`/fanout-client.js`) and, with the development secret only, `/dev/token`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -92,6 +92,9 @@ pub fn websocket_accept(headers: &HeaderMap) -> Option<String> {
 pub const OPENAPI_JSON: &str = include_str!("../docs/openapi.json");
 /// The chat page; `/*FANOUT_PAGE_CONFIG*/null` is replaced by the page's settings.
 pub const PAGE_HTML: &str = include_str!("page.html");
+/// The JavaScript client (`clients/js`, npm package `fanout-client`), an ES module served at
+/// `/fanout-client.js` for the chat page and for pages that import it from the service itself.
+pub const CLIENT_JS: &str = include_str!("../clients/js/fanout-client.js");
 
 /// The chat page with its settings (WebSocket path, whether the dev mint button works).
 pub fn page_html(ws_path: &str, dev_mint: bool) -> String {
@@ -264,6 +267,13 @@ impl Gateway {
             h.insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-cache"));
             r
         });
+        let client_js = warp::path("fanout-client.js").and(warp::path::end()).and(warp::get()).map(|| {
+            let mut r = Response::new(CLIENT_JS.into());
+            let h = r.headers_mut();
+            h.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/javascript; charset=utf-8"));
+            h.insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-cache"));
+            r
+        });
         // Only with the built-in development secret: anyone may mint tokens then anyway.
         let g = self;
         let dev_token = warp::path!("dev" / "token")
@@ -293,6 +303,8 @@ impl Gateway {
             .or(openapi)
             .unify()
             .or(index)
+            .unify()
+            .or(client_js)
             .unify()
             .or(dev_token)
             .unify()

@@ -1,7 +1,9 @@
 //! The chat page at `/` in headless Chromium: two pages on two instances chat with each other
 //! through the page's own controls (paste token, connect, send), see who they are, acks, errors
 //! and why a connection closed; the dev-only mint button works only with the development
-//! secret. A screenshot is saved as a test artifact: target/artifacts/chat.png.
+//! secret; behind nginx the page's client (`/fanout-client.js`, clients/js) reconnects by itself
+//! when its instance shuts down. A screenshot is saved as a test artifact:
+//! target/artifacts/chat.png.
 
 mod common;
 #[path = "support/dev.rs"]
@@ -11,6 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::browser::{Browser, Page};
+use common::stack::Stack;
 use common::*;
 use serde_json::{json, Value};
 
@@ -131,7 +134,7 @@ async fn two_chat_pages_on_two_instances_talk_to_each_other() {
     let mut b = b;
     assert!(b.terminate(Duration::from_secs(15)).is_some_and(|s| s.success()));
     wait(&mut pb, "!!document.querySelector('#log .close[data-code=\"1001\"]')", "1001 on shutdown").await;
-    let said = pb.eval(&last_text("close")).await;
+    let said = pb.eval("document.querySelector('#log .close[data-code=\"1001\"]').innerText").await;
     assert!(said.as_str().unwrap().contains("instance shutting down"), "{said}");
     assert_eq!(pa.console.iter().filter(|l| l.starts_with("exception")).count(), 0, "{:?}", pa.console);
     assert_eq!(pb.console.iter().filter(|l| l.starts_with("exception")).count(), 0, "{:?}", pb.console);
@@ -175,8 +178,64 @@ async fn mint_button_works_only_with_the_development_secret_and_expiry_shows_400
         "no 4001: {:?}",
         p.eval("document.getElementById('log').innerText").await
     );
-    let said = p.eval(&last_text("close")).await;
+    let said = p.eval("document.querySelector('#log .close[data-code=\"4001\"]').innerText").await;
     assert!(said.as_str().unwrap().contains("token expired"), "{said}");
-    let v: Value = p.eval("document.getElementById('status').textContent").await;
-    assert_eq!(v, json!("closed 4001"));
+    // The client reconnects at once with a fresh token from getToken; the page's getToken has
+    // only the pasted one, sees it expired, and the page stops and says so.
+    wait(&mut p, "document.getElementById('status').textContent === 'token expired'", "stopped on the expired token")
+        .await;
+    let said = p.eval(&last_text("close")).await;
+    assert!(said.as_str().unwrap().contains("mint or paste a new one"), "{said}");
+    let v: Value = p.eval("window.chat.client.state").await;
+    assert_eq!(v, json!("disconnected"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_nginx_the_page_reconnects_by_itself_when_its_instance_shuts_down() {
+    let (stack, browser) = tokio::join!(async { Stack::up(2) }, Browser::launch());
+    // The page comes through nginx, so its WebSocket does too.
+    let origin = format!("http://127.0.0.1:{}/", stack.port);
+    let (alice, bob) = (unique("alice-"), unique("bob-"));
+    let mut pa = browser.new_page(&origin).await;
+    let mut pb = browser.new_page(&origin).await;
+    let js = pa.eval("fetch('/fanout-client.js').then(r => r.headers.get('content-type'))").await;
+    assert_eq!(js, json!("text/javascript; charset=utf-8"));
+    connect(&mut pa, &token(SECRET, &alice, 3600, None)).await;
+    connect(&mut pb, &token(SECRET, &bob, 3600, None)).await;
+    wait(&mut pa, &format!("document.getElementById('me-user')?.textContent === {}", json!(alice)), "alice connected")
+        .await;
+    wait(&mut pb, &format!("document.getElementById('me-user')?.textContent === {}", json!(bob)), "bob connected")
+        .await;
+    let first = pb.eval("window.chat.client.info.instanceId").await.as_str().unwrap().to_string();
+    send(&mut pa, &bob, "before the shutdown").await;
+    wait(&mut pb, "document.querySelectorAll('#log .msg-in').length === 1", "bob gets the first message").await;
+
+    // Bob's instance drains (SIGTERM): every socket is closed with 1001.
+    let pid = std::fs::read_to_string(stack.dir().join(format!("fanout-{first}.pid"))).unwrap();
+    let killed = std::process::Command::new("kill").arg("-TERM").arg(pid.trim()).status().unwrap();
+    assert!(killed.success());
+    wait(&mut pb, "!!document.querySelector('#log .close[data-code=\"1001\"]')", "1001 on shutdown").await;
+    let said = pb.eval("document.querySelector('#log .close[data-code=\"1001\"]').innerText").await;
+    assert!(said.as_str().unwrap().contains("reconnecting in"), "{said}");
+    // Typed while the client reconnects: it waits, and goes out once connected again.
+    send(&mut pb, &alice, "typed during the reconnect").await;
+    let moved =
+        format!("window.chat.client.state === 'connected' && window.chat.client.info.instanceId !== {}", json!(first));
+    wait(&mut pb, &moved, "bob's page reconnected to the other instance").await;
+    wait(&mut pb, "document.querySelectorAll('#log .msg-out.acked').length === 1", "bob's queued message acked").await;
+    assert_eq!(pb.eval("document.querySelectorAll('#log .msg-out.failed').length").await, json!(0));
+    wait(
+        &mut pa,
+        &format!("[...document.querySelectorAll('#log .msg-in')].some(e => e.dataset.from === {} && e.innerText.includes('typed during the reconnect'))", json!(bob)),
+        "alice gets what bob typed during the reconnect",
+    )
+    .await;
+    let status = pb.eval("document.getElementById('status').textContent").await;
+    assert!(status.as_str().unwrap().starts_with("connected as"), "{status}");
+    // And the chat goes on: alice reaches bob on his new instance.
+    send(&mut pa, &bob, "after the shutdown").await;
+    wait(&mut pb, "document.querySelectorAll('#log .msg-in').length === 2", "bob gets the next message").await;
+    pb.screenshot(artifacts().join("chat-reconnected.png")).await;
+    assert_eq!(pa.console.iter().filter(|l| l.starts_with("exception")).count(), 0, "{:?}", pa.console);
+    assert_eq!(pb.console.iter().filter(|l| l.starts_with("exception")).count(), 0, "{:?}", pb.console);
 }
