@@ -1,4 +1,4 @@
-//! The server-side publish API, `POST /api/publish` (spec §6), for backends that do not speak
+//! The server-side publish API, `POST /api/publish` (docs/protocol.md §8), for backends that do not speak
 //! MQTT, and the development token route `POST /dev/token`.
 //!
 //! A publish builds the same envelope as a chat frame from a WebSocket ([`wire::chat_message`])
@@ -14,10 +14,11 @@ use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
 use warp::reply::Response;
 
-use crate::auth::{check_user_id, unix_millis};
+use crate::clock::unix_now;
+use crate::http::error;
 use crate::metrics::ApiResult;
-use crate::session::Shared;
-use crate::wire::{self, Recipients, MAX_RECIPIENTS};
+use crate::node::Node;
+use crate::wire::{self, IdError, ListError, Recipients, MAX_RECIPIENTS};
 
 /// `from` of a published message when the body gives none.
 pub const DEFAULT_FROM: &str = "system";
@@ -46,10 +47,14 @@ struct RawBody<'a> {
 const SHAPE: &str = r#"expected a JSON object like {"to":"bob","message":"hi"}, {"to":["a","b"],"message":…} or {"broadcast":true,"message":…}"#;
 
 fn user_id(v: &RawValue, field: &str) -> Result<String, String> {
-    let id: String =
-        serde_json::from_str(v.get()).map_err(|_| format!("{field} must be a string (a user id), got {}", v.get()))?;
-    check_user_id(&id).map_err(|why| format!("invalid user id in {field}: {why}"))?;
-    Ok(id)
+    wire::user_id(v).map_err(|e| id_error(e, field, v))
+}
+
+fn id_error(e: IdError, field: &str, v: &RawValue) -> String {
+    match e {
+        IdError::NotAString => format!("{field} must be a string (a user id), got {}", v.get()),
+        IdError::Invalid(why) => format!("invalid user id in {field}: {why}"),
+    }
 }
 
 /// Validates a publish body. Every error is a sentence for the 400 answer.
@@ -72,24 +77,15 @@ pub fn parse(body: &[u8]) -> Result<Publish<'_>, String> {
                 "say who gets the message: \"to\": \"<user id>\", \"to\": [<user ids>] or \"broadcast\": true".into()
             )
         }
-        (Some(v), false) if v.get().starts_with('[') => {
-            let list: Vec<&RawValue> =
-                serde_json::from_str(v.get()).map_err(|e| format!("\"to\" is not a valid list ({e})"))?;
-            if list.is_empty() {
-                return Err("\"to\" is an empty list; give 1-100 user ids".into());
-            }
-            let mut out: Vec<String> = Vec::with_capacity(list.len().min(MAX_RECIPIENTS));
-            for (i, v) in list.into_iter().enumerate() {
-                let id = user_id(v, &format!("\"to\"[{i}]"))?;
-                if !out.contains(&id) {
-                    if out.len() == MAX_RECIPIENTS {
-                        return Err(format!("\"to\" has more than {MAX_RECIPIENTS} distinct user ids"));
-                    }
-                    out.push(id);
-                }
-            }
-            Recipients::Many(out)
-        }
+        (Some(v), false) if v.get().starts_with('[') => Recipients::Many(wire::recipient_list(v).map_err(|e| match e {
+            ListError::NotAList => "\"to\" is not a valid list of user ids".to_string(),
+            ListError::Empty => "\"to\" is an empty list; give 1-100 user ids".to_string(),
+            ListError::Id(i, e) => match e {
+                IdError::NotAString => format!("\"to\"[{i}] must be a string (a user id)"),
+                IdError::Invalid(why) => format!("invalid user id in \"to\"[{i}]: {why}"),
+            },
+            ListError::TooMany => format!("\"to\" has more than {MAX_RECIPIENTS} distinct user ids"),
+        })?),
         (Some(v), false) => Recipients::One(user_id(v, "\"to\"")?),
     };
     let message = raw.message.ok_or("\"message\" is required (any JSON value except null)")?;
@@ -107,11 +103,6 @@ pub fn key_matches(key: &str, headers: &HeaderMap) -> bool {
     let Some(auth) = headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else { return false };
     let Some((scheme, given)) = auth.trim().split_once(' ') else { return false };
     scheme.eq_ignore_ascii_case("bearer") && bool::from(given.trim().as_bytes().ct_eq(key.as_bytes()))
-}
-
-/// A JSON answer `{"error": code, "message": message}`.
-pub fn error(status: StatusCode, code: &str, message: impl std::fmt::Display) -> Response {
-    crate::gateway::json_response(status, serde_json::json!({"error": code, "message": message.to_string()}))
 }
 
 /// Reads at most `cap` bytes of a body; `Err` with the 400 message when it is larger or the
@@ -144,7 +135,7 @@ where
 }
 
 /// `POST /api/publish` after the route matched. `draining` is true during shutdown.
-pub async fn publish<S, B>(sh: &Shared, draining: bool, headers: HeaderMap, body: S) -> Response
+pub async fn publish<S, B>(sh: &Node, headers: HeaderMap, body: S) -> Response
 where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
@@ -156,13 +147,7 @@ where
     if !key_matches(key, &headers) {
         m.api_publish(ApiResult::Unauthorized);
         tracing::info!("publish API: 401 (missing or wrong key)");
-        let mut r = error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or wrong key: send Authorization: Bearer <--api-key>",
-        );
-        r.headers_mut().insert(http::header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
-        return r;
+        return crate::http::unauthorized("missing or wrong key: send Authorization: Bearer <--api-key>");
     }
     let bad = |why: String| {
         m.api_publish(ApiResult::BadRequest);
@@ -180,22 +165,21 @@ where
         m.api_publish(ApiResult::Unavailable);
         error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", why)
     };
-    if draining {
+    if sh.draining() {
         return unavailable("instance is shutting down; retry on another instance");
     }
     if !sh.bus.connected() {
         return unavailable("the broker link is down; nothing was sent, retry later");
     }
     m.api_message_in();
-    // Exactly the WebSocket path (session.rs): one envelope, published once per topic.
-    let msg_id = uuid::Uuid::new_v4().to_string();
-    let payload = bytes::Bytes::from(wire::chat_message(&msg_id, &p.from, &p.to, p.message, unix_millis(), None));
-    if sh.bus.publish(&sh.bus.topics(&p.to), payload).await.is_err() {
-        return unavailable("the broker did not accept the message in time; it was not sent");
-    }
+    // Exactly the WebSocket path: the node builds one envelope and publishes it per topic.
+    let msg_id = match sh.publish(&p.from, &p.to, p.message, None).await {
+        Ok(id) => id,
+        Err(_) => return unavailable("the broker did not accept the message in time; it was not sent"),
+    };
     m.api_publish(ApiResult::Accepted);
     tracing::debug!(id = %msg_id, from = %p.from, "published through the API");
-    crate::gateway::json_response(StatusCode::ACCEPTED, serde_json::json!({"id": msg_id}))
+    crate::http::json(StatusCode::ACCEPTED, serde_json::json!({"id": msg_id}))
 }
 
 /// `POST /dev/token?user=<id>[&scope=broadcast][&ttl=1h]` with the development secret: a token
@@ -213,9 +197,9 @@ pub fn dev_token(verifier: &crate::auth::Verifier, query: &str) -> Response {
     };
     let scope = q.get("scope").filter(|s| !s.is_empty());
     match verifier.mint(user, ttl, scope.map(String::as_str)) {
-        Ok(token) => crate::gateway::json_response(
+        Ok(token) => crate::http::json(
             StatusCode::OK,
-            serde_json::json!({"token": token, "userId": user, "expiresAt": crate::auth::unix_now() + ttl.as_secs()}),
+            serde_json::json!({"token": token, "userId": user, "expiresAt": unix_now() + ttl.as_secs()}),
         ),
         Err(why) => error(StatusCode::BAD_REQUEST, "bad_request", why),
     }

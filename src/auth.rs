@@ -1,12 +1,22 @@
-//! Token verification and minting, and the user-id rules. Pure: no I/O, no clock other than
-//! the one passed in by jsonwebtoken's validation.
+//! Token verification and minting, and the user-id rules. No I/O; the clock is read only to
+//! check `exp` and `nbf` (by jsonwebtoken's validation, and [`crate::clock`] for `exp`).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::path::PathBuf;
+use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::config::AuthMode;
+use crate::clock::{unix_millis, unix_now};
+
+/// How tokens are verified.
+#[derive(Debug, Clone)]
+pub enum AuthMode {
+    /// HS256 with a shared secret; `dev` is true for the built-in development secret.
+    Secret { secret: String, dev: bool },
+    /// RS256/ES256 with this PEM public key.
+    PublicKey { pem: Vec<u8>, path: PathBuf },
+}
 
 /// Clock-skew allowance for `exp` and `nbf` (the library default of 60 s is too lax).
 pub const LEEWAY_SECS: u64 = 5;
@@ -69,7 +79,7 @@ struct MintClaims<'a> {
     scope: Option<&'a str>,
 }
 
-/// Checks a user id against the rules of spec §3: 1–256 bytes of UTF-8 without `/`, `+`,
+/// Checks a user id against the rules of docs/protocol.md §2: 1–256 bytes of UTF-8 without `/`, `+`,
 /// `#` or control characters, so that `prefix + id` is exactly one MQTT topic level. Unicode
 /// noncharacters are refused too: Mosquitto treats a topic holding one as malformed UTF-8 and
 /// drops the whole broker connection (MQTT 3.1.1 §1.5.3).
@@ -232,14 +242,6 @@ fn names_an_algorithm(token: &str) -> bool {
         return false;
     };
     serde_json::from_slice::<serde_json::Value>(&json).is_ok_and(|v| v.get("alg").is_some_and(|a| a.is_string()))
-}
-
-pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
-pub fn unix_millis() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -10,9 +10,10 @@ use std::net::SocketAddr;
 
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 
-/// Starts the broker on `addr` for payloads up to `max_payload` bytes. Fails at once (with a
-/// clear message) when the address cannot be bound.
-pub fn start(addr: SocketAddr, max_payload: usize) -> Result<(), String> {
+/// Starts the broker on `addr` for payloads up to `max_payload` bytes and returns once it
+/// accepts connections, so the bus's first connect succeeds (no "connection refused" on the
+/// first screen). Fails at once (with a clear message) when the address cannot be bound.
+pub async fn start(addr: SocketAddr, max_payload: usize) -> Result<(), String> {
     // rumqttd binds in a background thread and only logs a failure; probe first so a busy
     // port is a clear start-up error.
     std::net::TcpListener::bind(addr).map_err(|e| {
@@ -56,5 +57,13 @@ pub fn start(addr: SocketAddr, max_payload: usize) -> Result<(), String> {
             }
         })
         .map_err(|e| format!("cannot start the embedded broker thread: {e}"))?;
+    let target = if addr.ip().is_unspecified() { SocketAddr::from(([127, 0, 0, 1], addr.port())) } else { addr };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while tokio::net::TcpStream::connect(target).await.is_err() {
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("the embedded broker did not start listening on {addr} within 5 s"));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     Ok(())
 }

@@ -50,7 +50,7 @@ use state::{Outbound, Subs, CHUNK, QOS};
 
 use crate::config::{BrokerTarget, Config};
 use crate::hub::Hub;
-use crate::metrics::{Drop, Metrics};
+use crate::metrics::{DropReason, Metrics};
 use crate::wire::{self, Recipients};
 
 /// Room for the envelope around the client's frame in a publish.
@@ -331,7 +331,7 @@ impl Bus {
     }
 
     fn refused(&self) -> BusError {
-        self.metrics.dropped(Drop::Unavailable);
+        self.metrics.dropped(DropReason::Unavailable);
         BusError::Unavailable
     }
 
@@ -388,21 +388,21 @@ impl Bus {
             match self.hub.deliver(user, id, &msg) {
                 Some(f) => f,
                 None => {
-                    self.metrics.dropped(Drop::NoLocalUser);
+                    self.metrics.dropped(DropReason::NoLocalUser);
                     self.heal(&p.topic);
                     return;
                 }
             }
         } else {
-            self.metrics.dropped(Drop::UnknownTopic);
+            self.metrics.dropped(DropReason::UnknownTopic);
             return;
         };
         self.metrics.delivered(fanned.delivered);
         if fanned.duplicate {
-            self.metrics.dropped(Drop::Duplicate);
+            self.metrics.dropped(DropReason::Duplicate);
         }
         for _ in 0..fanned.overflowed {
-            self.metrics.dropped(Drop::SlowConsumer);
+            self.metrics.dropped(DropReason::SlowConsumer);
         }
     }
 

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
+pub use crate::auth::AuthMode;
+
 /// The development secret used when no `--jwt-secret` is given. It is public (it is in the
 /// README), so any token signed with it is forgeable: fanout warns loudly when it is in use.
 pub const DEV_SECRET: &str = "fanout-dev-secret-do-not-use-in-production";
@@ -113,15 +115,6 @@ pub enum LogFormat {
     Json,
 }
 
-/// How tokens are verified.
-#[derive(Debug, Clone)]
-pub enum AuthMode {
-    /// HS256 with a shared secret; `dev` is true for the built-in development secret.
-    Secret { secret: String, dev: bool },
-    /// RS256/ES256 with this PEM public key.
-    PublicKey { pem: Vec<u8>, path: PathBuf },
-}
-
 /// The broker fanout talks to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerTarget {
@@ -129,7 +122,6 @@ pub struct BrokerTarget {
     pub port: u16,
     pub username: Option<String>,
     pub password: Option<String>,
-    pub tls: bool,
 }
 
 /// Validated settings of one instance.
@@ -197,7 +189,7 @@ impl ServeArgs {
                     ));
                 }
                 let host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
-                (BrokerTarget { host, port: addr.port(), username: None, password: None, tls: false }, Some(addr))
+                (BrokerTarget { host, port: addr.port(), username: None, password: None }, Some(addr))
             }
         };
         check_topic_part(&self.topic_prefix).map_err(|e| bad("--topic-prefix", "FANOUT_TOPIC_PREFIX", e))?;
@@ -356,7 +348,7 @@ pub fn parse_mqtt_url(s: &str) -> Result<BrokerTarget, String> {
     };
     let username = if url.username().is_empty() { None } else { Some(decode("user name", url.username())?) };
     let password = url.password().map(|p| decode("password", p)).transpose()?;
-    Ok(BrokerTarget { host, port, username, password, tls })
+    Ok(BrokerTarget { host, port, username, password })
 }
 
 /// A topic prefix or the broadcast topic. Neither may be empty: with an empty prefix a user

@@ -3,7 +3,6 @@
 //! OpenAPI document (`/api/openapi.json`), the chat page (`/`), the JavaScript client it uses
 //! (`/fanout-client.js`) and, with the development secret only, `/dev/token`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use http::{HeaderMap, StatusCode};
@@ -13,19 +12,18 @@ use warp::filters::path::FullPath;
 use warp::reply::Response;
 use warp::{Filter, Rejection};
 
-use crate::auth::{AuthError, Verifier};
-use crate::config::AuthMode;
+use crate::auth::{AuthError, AuthMode, Verifier};
+use crate::http::{error, json};
 use crate::limits::{ConnLimiter, LimitError};
-use crate::session::{self, Shared};
+use crate::node::Node;
+use crate::session;
 
 /// Everything the routes need.
 pub struct Gateway {
-    pub shared: Arc<Shared>,
+    pub node: Arc<Node>,
     pub verifier: Verifier,
     /// Upgraded sessions, so shutdown can wait for them (warp does not track them).
     pub sessions: TaskTracker,
-    /// Set at shutdown: `/readyz` answers 503 and upgrades are refused.
-    pub draining: AtomicBool,
     /// Connection limits, checked before the upgrade.
     pub limits: Arc<ConnLimiter>,
 }
@@ -102,28 +100,11 @@ pub fn page_html(ws_path: &str, dev_mint: bool) -> String {
     PAGE_HTML.replacen("/*FANOUT_PAGE_CONFIG*/null", &cfg, 1)
 }
 
-pub fn json_response(status: StatusCode, body: serde_json::Value) -> Response {
-    let mut r = Response::new(body.to_string().into());
-    *r.status_mut() = status;
-    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
-    r
-}
-
-fn unauthorized(e: &AuthError) -> Response {
-    let mut r =
-        json_response(StatusCode::UNAUTHORIZED, serde_json::json!({"error": "unauthorized", "message": e.to_string()}));
-    r.headers_mut().insert(http::header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
-    r
-}
-
 impl Gateway {
     fn upgrade(self: &Arc<Self>, headers: HeaderMap, query: String, on_upgrade: Option<OnUpgrade>) -> Response {
-        let m = &self.shared.metrics;
-        if self.draining.load(Ordering::Acquire) {
-            return json_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                serde_json::json!({"error": "unavailable", "message": "instance is shutting down"}),
-            );
+        let m = &self.node.metrics;
+        if self.node.draining() {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "instance is shutting down");
         }
         let found = find_token(&headers, &query);
         let verified = match &found {
@@ -135,14 +116,11 @@ impl Gateway {
             Err(e) => {
                 m.auth_failed();
                 tracing::info!(reason = %e, "upgrade refused: 401");
-                return unauthorized(&e);
+                return crate::http::unauthorized(e);
             }
         };
         let (Some(accept), Some(on_upgrade)) = (websocket_accept(&headers), on_upgrade) else {
-            return json_response(
-                StatusCode::UPGRADE_REQUIRED,
-                serde_json::json!({"error": "upgrade_required", "message": "this endpoint speaks WebSocket only"}),
-            );
+            return error(StatusCode::UPGRADE_REQUIRED, "upgrade_required", "this endpoint speaks WebSocket only");
         };
         let permit = match self.limits.try_acquire(&id.user_id) {
             Ok(p) => p,
@@ -152,14 +130,14 @@ impl Gateway {
                     LimitError::Instance(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
                     LimitError::User(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_connections"),
                 };
-                return json_response(status, serde_json::json!({"error": code, "message": e.to_string()}));
+                return error(status, code, e);
             }
         };
-        let shared = self.shared.clone();
+        let node = self.node.clone();
         let tracker = self.sessions.clone();
         // The permit lives as long as the session (or until the upgrade fails).
         tokio::spawn(tracker.track_future(async move {
-            session::serve(on_upgrade, id, shared).await;
+            session::serve(on_upgrade, id, node).await;
             drop(permit);
         }));
         let mut resp = Response::new(String::new().into());
@@ -179,8 +157,8 @@ impl Gateway {
     }
 
     fn readyz(&self) -> Response {
-        let bus = &self.shared.bus;
-        let (ready, why) = if self.draining.load(Ordering::Acquire) {
+        let bus = &self.node.bus;
+        let (ready, why) = if self.node.draining() {
             (false, "shutting down")
         } else if !bus.connected() {
             (false, "broker link down")
@@ -190,15 +168,12 @@ impl Gateway {
             (true, "ok")
         };
         let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-        json_response(
-            status,
-            serde_json::json!({"ready": ready, "status": why, "instanceId": self.shared.cfg.instance_id}),
-        )
+        json(status, serde_json::json!({"ready": ready, "status": why, "instanceId": self.node.cfg.instance_id}))
     }
 
     fn metrics(&self) -> Response {
-        let sh = &self.shared;
-        sh.metrics.set_ready(!self.draining.load(Ordering::Acquire) && sh.bus.ready());
+        let sh = &self.node;
+        sh.metrics.set_ready(!sh.draining() && sh.bus.ready());
         let (queued, fullest) = sh.hub.outbox_stats();
         sh.metrics.set_outbox(queued, fullest);
         let (bytes, messages) = sh.bus.queued();
@@ -215,7 +190,7 @@ impl Gateway {
     pub fn routes(
         self: Arc<Self>,
     ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone + Send + Sync + 'static {
-        let ws_path = self.shared.cfg.ws_path.clone();
+        let ws_path = self.node.cfg.ws_path.clone();
         let g = self.clone();
         // Every route matches its path before its method: a path nobody serves is 404 for
         // every method, a served path with another method is 405.
@@ -239,7 +214,7 @@ impl Gateway {
         let healthz = warp::path("healthz")
             .and(warp::path::end())
             .and(warp::get())
-            .map(|| json_response(StatusCode::OK, serde_json::json!({"status": "ok"})));
+            .map(|| json(StatusCode::OK, serde_json::json!({"status": "ok"})));
         let g = self.clone();
         let readyz = warp::path("readyz").and(warp::path::end()).and(warp::get()).map(move || g.readyz());
         let g = self.clone();
@@ -251,15 +226,15 @@ impl Gateway {
             .and(warp::body::stream())
             .then(move |headers: HeaderMap, body| {
                 let g = g.clone();
-                async move { crate::api::publish(&g.shared, g.draining.load(Ordering::Acquire), headers, body).await }
+                async move { crate::api::publish(&g.node, headers, body).await }
             });
         let openapi = warp::path!("api" / "openapi.json").and(warp::get()).map(|| {
             let mut r = Response::new(OPENAPI_JSON.into());
             r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
             r
         });
-        let dev = matches!(self.shared.cfg.auth, AuthMode::Secret { dev: true, .. });
-        let page = page_html(&self.shared.cfg.ws_path, dev);
+        let dev = matches!(self.node.cfg.auth, AuthMode::Secret { dev: true, .. });
+        let page = page_html(&self.node.cfg.ws_path, dev);
         let index = warp::path::end().and(warp::get()).map(move || {
             let mut r = Response::new(page.clone().into());
             let h = r.headers_mut();
@@ -285,7 +260,7 @@ impl Gateway {
                 } else {
                     // An answer rather than a rejection: warp would turn it into the 405 of
                     // another route.
-                    crate::api::error(
+                    error(
                         StatusCode::NOT_FOUND,
                         "not_found",
                         "tokens are minted here only with the built-in development secret",

@@ -82,11 +82,7 @@ impl Outbox {
         (Arc::new(ob), OutboxRx { rx })
     }
 
-    pub fn push(&self, msg: Message) -> Push {
-        self.push_at(msg, Instant::now())
-    }
-
-    /// Like [`Outbox::push`], stamped with `at` (one clock read per fan-out, not per socket).
+    /// Queues `msg`, stamped with `at` (one clock read per fan-out, not per socket).
     pub fn push_at(&self, msg: Message, at: Instant) -> Push {
         if self.overflowed.load(Ordering::Relaxed) {
             return Push::Overflow;
@@ -123,10 +119,6 @@ impl Outbox {
 }
 
 impl OutboxRx {
-    pub async fn recv(&mut self) -> Option<Message> {
-        self.rx.recv().await.map(|(m, _)| m)
-    }
-
     /// The next frame and when it was queued.
     pub async fn recv_stamped(&mut self) -> Option<(Message, Instant)> {
         self.rx.recv().await
@@ -201,10 +193,6 @@ impl Hub {
         Self::default()
     }
 
-    pub fn add(&self, user: &str, conn: ConnRef) -> Added {
-        self.add_with(user, conn, || {})
-    }
-
     /// `f` runs under the hub lock when the removal makes the user's last connection go, so
     /// a concurrent `add` of the same user cannot slip between the decision and its effect.
     pub fn remove_with(&self, user: &str, conn_id: u128, on_last: impl FnOnce()) -> Removed {
@@ -236,10 +224,6 @@ impl Hub {
         Added::First
     }
 
-    pub fn remove(&self, user: &str, conn_id: u128) -> Removed {
-        self.remove_with(user, conn_id, || {})
-    }
-
     /// Writes `msg` into every local connection of `user`. A message whose id (see
     /// [`crate::wire::envelope_id`]) this user already received is not written again.
     pub fn deliver(&self, user: &str, id: Option<u128>, msg: &Message) -> Option<Fanned> {
@@ -268,10 +252,6 @@ impl Hub {
         out
     }
 
-    pub fn has_user(&self, user: &str) -> bool {
-        self.inner.lock().users.contains_key(user)
-    }
-
     pub fn users(&self) -> usize {
         self.inner.lock().users.len()
     }
@@ -289,16 +269,27 @@ impl Hub {
             .map(|c| c.outbox.queued_bytes())
             .fold((0, 0), |(sum, max), q| (sum + q, max.max(q)))
     }
-
-    /// Every registered connection (for shutdown).
-    pub fn all(&self) -> Vec<ConnRef> {
-        self.inner.lock().users.values().flat_map(|e| e.conns.iter().cloned()).collect()
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Hub {
+        fn add(&self, user: &str, conn: ConnRef) -> Added {
+            self.add_with(user, conn, || {})
+        }
+
+        fn remove(&self, user: &str, conn_id: u128) -> Removed {
+            self.remove_with(user, conn_id, || {})
+        }
+    }
+
+    impl Outbox {
+        fn push(&self, msg: Message) -> Push {
+            self.push_at(msg, Instant::now())
+        }
+    }
 
     fn conn(id: u128, limit: usize) -> (ConnRef, OutboxRx) {
         let (outbox, rx) = Outbox::new(limit);
@@ -335,8 +326,8 @@ mod tests {
         assert!(hub.deliver("bob", Some(7), &m).unwrap().duplicate);
         assert_eq!(hub.deliver("bob", None, &m).unwrap().delivered, 2);
         assert!(hub.deliver("alice", None, &m).is_none());
-        assert_eq!(ra.recv().await.unwrap(), m);
-        assert_eq!(rb.recv().await.unwrap(), m);
+        assert_eq!(ra.recv_stamped().await.unwrap().0, m);
+        assert_eq!(rb.recv_stamped().await.unwrap().0, m);
         assert_eq!(hub.broadcast(Some(1), &m).delivered, 2);
         assert!(hub.broadcast(Some(1), &m).duplicate);
     }

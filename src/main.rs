@@ -53,7 +53,7 @@ enum Cmd {
 
 fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn,rumqttc=warn"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rumqttd=off,rumqttc=warn"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -73,7 +73,7 @@ fn config_error(e: impl std::fmt::Display) -> ExitCode {
 }
 
 /// A command line clap cannot parse: its first line (what is wrong, naming the flag) and, for
-/// a mistyped flag, the one it resembles. Bad configuration is one line (spec §2).
+/// a mistyped flag, the one it resembles. Bad configuration is one line (docs/protocol.md §10.4).
 fn usage_error(e: &clap::Error) -> ExitCode {
     use clap::error::{ContextKind, ContextValue};
     let text = e.render().to_string();
@@ -119,7 +119,7 @@ fn main() -> ExitCode {
             };
             match verifier.verify(&jwt) {
                 Ok(id) => {
-                    let left = id.expires_at.saturating_sub(fanout::auth::unix_now());
+                    let left = id.expires_at.saturating_sub(fanout::clock::unix_now());
                     println!(
                         "accepted: user {:?}, expires in {}, broadcast scope: {}",
                         id.user_id,

@@ -42,6 +42,9 @@ pub enum ApiResult {
 }
 
 impl ApiResult {
+    pub const ALL: [ApiResult; 4] =
+        [ApiResult::Accepted, ApiResult::BadRequest, ApiResult::Unauthorized, ApiResult::Unavailable];
+
     fn label(self) -> &'static str {
         match self {
             ApiResult::Accepted => "accepted",
@@ -71,7 +74,7 @@ struct InfoLabels {
 
 /// Why a message or frame was dropped (label `reason` of `fanout_dropped_total`).
 #[derive(Debug, Clone, Copy)]
-pub enum Drop {
+pub enum DropReason {
     /// Broker delivered a message for a user with no local connection.
     NoLocalUser,
     /// A connection's outbox overflowed; it was closed with 4008.
@@ -86,15 +89,24 @@ pub enum Drop {
     UnknownTopic,
 }
 
-impl Drop {
+impl DropReason {
+    pub const ALL: [DropReason; 6] = [
+        DropReason::NoLocalUser,
+        DropReason::SlowConsumer,
+        DropReason::Duplicate,
+        DropReason::Unavailable,
+        DropReason::RateLimited,
+        DropReason::UnknownTopic,
+    ];
+
     fn label(self) -> &'static str {
         match self {
-            Drop::NoLocalUser => "no_local_user",
-            Drop::SlowConsumer => "slow_consumer",
-            Drop::Duplicate => "duplicate",
-            Drop::Unavailable => "unavailable",
-            Drop::RateLimited => "rate_limited",
-            Drop::UnknownTopic => "unknown_topic",
+            DropReason::NoLocalUser => "no_local_user",
+            DropReason::SlowConsumer => "slow_consumer",
+            DropReason::Duplicate => "duplicate",
+            DropReason::Unavailable => "unavailable",
+            DropReason::RateLimited => "rate_limited",
+            DropReason::UnknownTopic => "unknown_topic",
         }
     }
 }
@@ -237,31 +249,13 @@ impl Metrics {
         for s in ["ws", "mqtt", "api"] {
             let _ = m.messages_in.get_or_create(&SourceLabel { source: s });
         }
-        for d in [
-            Drop::NoLocalUser,
-            Drop::SlowConsumer,
-            Drop::Duplicate,
-            Drop::Unavailable,
-            Drop::RateLimited,
-            Drop::UnknownTopic,
-        ] {
+        for d in DropReason::ALL {
             let _ = m.dropped.get_or_create(&ReasonLabel { reason: d.label() });
         }
-        {
-            use crate::wire::ErrorCode as E;
-            for c in [
-                E::BadJson,
-                E::UnknownEvent,
-                E::InvalidParticipant,
-                E::TooManyRecipients,
-                E::Forbidden,
-                E::RateLimited,
-                E::Unavailable,
-            ] {
-                let _ = m.client_errors.get_or_create(&CodeLabel { code: c.as_str() });
-            }
+        for c in crate::wire::ErrorCode::ALL {
+            let _ = m.client_errors.get_or_create(&CodeLabel { code: c.as_str() });
         }
-        for a in [ApiResult::Accepted, ApiResult::BadRequest, ApiResult::Unauthorized, ApiResult::Unavailable] {
+        for a in ApiResult::ALL {
             let _ = m.api_publish.get_or_create(&ResultLabel { result: a.label() });
         }
         Metrics { registry: r, ..m }
@@ -299,7 +293,7 @@ impl Metrics {
     pub fn published(&self, n: usize) {
         self.published.inc_by(n as u64);
     }
-    pub fn dropped(&self, why: Drop) {
+    pub fn dropped(&self, why: DropReason) {
         self.dropped.get_or_create(&ReasonLabel { reason: why.label() }).inc();
     }
     pub fn client_error(&self, code: crate::wire::ErrorCode) {

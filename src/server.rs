@@ -1,9 +1,8 @@
 //! Wires hub, bus, sessions and routes together, serves until SIGINT/SIGTERM, then shuts
-//! down in the order of spec §7: readiness 503 and no new upgrades → every socket closed
+//! down in the order of docs/protocol.md §5.8: readiness 503 and no new upgrades → every socket closed
 //! with 1001 → user topics unsubscribed → everything acked handed to the broker → broker
 //! session ended → exit.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,18 +12,18 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::auth::Verifier;
+use crate::auth::{AuthMode, Verifier};
 use crate::bus::Bus;
-use crate::config::{AuthMode, Config};
+use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::session::Shared;
+use crate::node::Node;
 
 /// Longest wait for sessions to close, and for the broker session to end, at shutdown.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// A connection that has not sent a complete HTTP request head within this long is closed
-/// (spec §6). Without it a client that connects and stays silent, or trickles a large header,
+/// (docs/protocol.md §8). Without it a client that connects and stays silent, or trickles a large header,
 /// holds a socket forever (warp serves hyper without a timer).
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -98,14 +97,25 @@ fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// Runs one instance until `stop` resolves (normally [`signal`]).
+/// Binds the service's listener (and starts the embedded broker when configured), then runs
+/// the instance until `stop` resolves (normally [`signal`]).
 pub async fn serve(cfg: Config, stop: impl std::future::Future<Output = ()>) -> Result<(), String> {
-    let verifier = Verifier::new(&cfg.auth)?;
+    let listener = listen(cfg.listen).map_err(|e| format!("cannot listen on --listen {}: {e}", cfg.listen))?;
     #[cfg(feature = "embedded-broker")]
     if let Some(addr) = cfg.embedded_broker {
-        crate::broker::start(addr, cfg.max_message_bytes + crate::bus::ENVELOPE_SLACK)?;
+        crate::broker::start(addr, cfg.max_message_bytes + crate::bus::ENVELOPE_SLACK).await?;
     }
-    let listener = listen(cfg.listen).map_err(|e| format!("cannot listen on --listen {}: {e}", cfg.listen))?;
+    run(cfg, listener, stop).await
+}
+
+/// Runs one instance on an already bound `listener` until `stop` resolves, then shuts down in
+/// order. Tests run instances in-process this way, on port 0.
+pub async fn run(
+    cfg: Config,
+    listener: tokio::net::TcpListener,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), String> {
+    let verifier = Verifier::new(&cfg.auth)?;
     let cfg = Arc::new(cfg);
     summary(&cfg, &verifier);
 
@@ -115,22 +125,20 @@ pub async fn serve(cfg: Config, stop: impl std::future::Future<Output = ()>) -> 
     let (bus, eventloop) = Bus::new(&cfg, hub.clone(), metrics.clone(), shutdown.clone());
     let bus_task = tokio::spawn(bus.clone().run(eventloop));
 
-    let shared =
-        Arc::new(Shared { cfg: cfg.clone(), hub: hub.clone(), bus: bus.clone(), metrics, shutdown: shutdown.clone() });
+    let node = Arc::new(Node { cfg: cfg.clone(), hub: hub.clone(), bus: bus.clone(), metrics, shutdown: shutdown.clone() });
     let gw = Arc::new(Gateway {
-        shared,
+        node,
         verifier,
         sessions: TaskTracker::new(),
-        draining: AtomicBool::new(false),
         limits: crate::limits::ConnLimiter::new(cfg.max_connections, cfg.max_connections_per_user),
     });
     let http_stop = CancellationToken::new();
+    let listen_addr = listener.local_addr().map_err(|e| format!("listener has no address: {e}"))?;
     let server = tokio::spawn(serve_http(listener, warp::service(gw.clone().routes()), http_stop.clone()));
-    info!(listen = %cfg.listen, instance_id = %cfg.instance_id, "listening");
+    info!(listen = %listen_addr, instance_id = %cfg.instance_id, "listening");
 
     stop.await;
     info!(connections = hub.connections(), "shutting down: closing every WebSocket with 1001");
-    gw.draining.store(true, Ordering::Release);
     shutdown.cancel();
     gw.sessions.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, gw.sessions.wait()).await.is_err() {

@@ -14,34 +14,23 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, Instrument};
 
-use crate::auth::{unix_millis, Identity};
-use crate::bus::Bus;
+use crate::auth::Identity;
+use crate::clock::unix_millis;
 use crate::config::Config;
-use crate::hub::{Added, ConnRef, Hub, Outbox, OutboxRx};
+use crate::hub::{Added, ConnRef, Outbox, OutboxRx};
 use crate::limits::RateLimiter;
-use crate::metrics::{Drop, Metrics};
-use crate::wire::{self, close, ClientEvent, ErrorCode, Recipients, WireError};
+use crate::metrics::{DropReason, Metrics};
+use crate::node::Node;
+use crate::wire::{self, close, ClientEvent, Close, ErrorCode, Recipients, WireError};
 
 /// A socket write that takes longer than this drops the connection.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What every session shares.
-#[derive(Debug)]
-pub struct Shared {
-    pub cfg: Arc<Config>,
-    pub hub: Arc<Hub>,
-    pub bus: Arc<Bus>,
-    pub metrics: Arc<Metrics>,
-    /// Cancelled at shutdown: every session closes with 1001.
-    pub shutdown: CancellationToken,
-}
-
 /// Why the session loop ended.
 enum End {
-    Close(u16, &'static str),
+    Close(Close),
     /// The peer went away or the socket failed: nothing more to send.
     Gone,
 }
@@ -63,7 +52,7 @@ const READ_BUFFER: usize = 4096;
 const WRITE_BUFFER: usize = 8192;
 
 /// Completes the upgrade, then serves the socket for `id` until it closes.
-pub async fn serve(on_upgrade: OnUpgrade, id: Identity, sh: Arc<Shared>) {
+pub async fn serve(on_upgrade: OnUpgrade, id: Identity, sh: Arc<Node>) {
     let conn_id = uuid::Uuid::new_v4();
     let span =
         tracing::info_span!("conn", user_id = %id.user_id, conn_id = %conn_id, instance_id = %sh.cfg.instance_id);
@@ -83,11 +72,11 @@ pub async fn serve(on_upgrade: OnUpgrade, id: Identity, sh: Arc<Shared>) {
 type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
 /// Sends a close frame, best effort: the connection ends whether or not it got out.
-async fn send_close<S>(tx: &mut S, code: u16, reason: &'static str)
+async fn send_close<S>(tx: &mut S, c: Close)
 where
     S: futures_util::Sink<Message, Error = tungstenite::Error> + Unpin,
 {
-    let frame = Message::Close(Some(CloseFrame { code: CloseCode::from(code), reason: reason.into() }));
+    let frame = Message::Close(Some(CloseFrame { code: CloseCode::from(c.code), reason: c.reason.into() }));
     let _ = tokio::time::timeout(WRITE_TIMEOUT, tx.send(frame)).await;
 }
 
@@ -95,33 +84,23 @@ where
 /// future's size is that of its largest await point, and this one lives as long as the
 /// connection, so an idle connection would otherwise carry ~1 KiB of write-path state
 /// (2,448 → 1,256 bytes, see `docs/benchmarks.md`). The price is one allocation per write.
-async fn run(ws: Socket, id: Identity, conn_id: uuid::Uuid, sh: Arc<Shared>) {
+async fn run(ws: Socket, id: Identity, conn_id: uuid::Uuid, sh: Arc<Node>) {
     let started = Instant::now();
     let (mut tx, mut rx) = ws.split();
     let (outbox, mut outbox_rx) = Outbox::new(sh.cfg.send_queue_bytes);
     let conn = ConnRef { id: conn_id.as_u128(), outbox: outbox.clone() };
     let user = id.user_id.as_str();
 
-    let mut first = None;
-    let added = sh.hub.add_with(user, conn, || first = Some(sh.bus.subscribe_user(user)));
-    sh.metrics.set_users(sh.hub.users());
-    let confirmed = match first {
-        Some(rx) => rx,
-        None => sh.bus.wait_user(user),
-    };
+    let (added, confirmed) = sh.join(user, conn);
     let ok = tokio::select! {
         r = Box::pin(tokio::time::timeout(sh.cfg.broker_wait, confirmed)) => matches!(r, Ok(Ok(true))),
         _ = sh.shutdown.cancelled() => false,
     };
     if !ok {
-        let (code, why) = if sh.shutdown.is_cancelled() {
-            (close::GOING_AWAY, "instance shutting down")
-        } else {
-            (close::TRY_AGAIN_LATER, "broker unavailable, try again later")
-        };
-        info!(first = added == Added::First, code, "refused: subscription not confirmed");
-        Box::pin(send_close(&mut tx, code, why)).await;
-        leave(&sh, user, conn_id.as_u128());
+        let c = if sh.draining() { close::SHUTTING_DOWN } else { close::BROKER_UNAVAILABLE };
+        info!(first = added == Added::First, code = c.code, "refused: subscription not confirmed");
+        Box::pin(send_close(&mut tx, c)).await;
+        sh.leave(user, conn_id.as_u128());
         return;
     }
 
@@ -156,8 +135,8 @@ async fn run(ws: Socket, id: Identity, conn_id: uuid::Uuid, sh: Arc<Shared>) {
     while end.is_none() {
         let step = tokio::select! {
             biased;
-            _ = &mut shutdown => Some(End::Close(close::GOING_AWAY, "instance shutting down")),
-            _ = &mut expired => Some(End::Close(close::TOKEN_EXPIRED, "token expired")),
+            _ = &mut shutdown => Some(End::Close(close::SHUTTING_DOWN)),
+            _ = &mut expired => Some(End::Close(close::TOKEN_EXPIRED)),
             _ = &mut overflow => Some(slow_consumer()),
             m = outbox_rx.recv_stamped() => match m {
                 Some((m, queued_at)) => {
@@ -176,7 +155,7 @@ async fn run(ws: Socket, id: Identity, conn_id: uuid::Uuid, sh: Arc<Shared>) {
             },
             _ = ping.tick() => {
                 if last_heard.elapsed() > sh.cfg.idle_timeout {
-                    Some(End::Close(close::GOING_AWAY, "idle timeout"))
+                    Some(End::Close(close::IDLE))
                 } else {
                     Box::pin(send(&mut tx, Message::Ping(Bytes::new()))).await.err().map(|()| End::Gone)
                 }
@@ -185,11 +164,11 @@ async fn run(ws: Socket, id: Identity, conn_id: uuid::Uuid, sh: Arc<Shared>) {
                 last_heard = Instant::now();
                 match m {
                     Some(Ok(m)) => Box::pin(on_message(&sh, &id, &mut limiter, &mut tx, m)).await,
-                    Some(Err(e)) if is_too_big(&e) => Some(End::Close(close::TOO_BIG, "message too big")),
-                    Some(Err(tungstenite::Error::Utf8(_))) => Some(End::Close(close::INVALID_DATA, "invalid UTF-8 in a text frame")),
+                    Some(Err(e)) if is_too_big(&e) => Some(End::Close(close::TOO_BIG)),
+                    Some(Err(tungstenite::Error::Utf8(_))) => Some(End::Close(close::INVALID_UTF8)),
                     Some(Err(tungstenite::Error::Protocol(e))) => {
                         debug!(error = %e, "protocol error");
-                        Some(End::Close(close::PROTOCOL_ERROR, "WebSocket protocol error"))
+                        Some(End::Close(close::PROTOCOL_ERROR))
                     }
                     Some(Err(e)) => {
                         debug!(error = %e, "socket error");
@@ -203,16 +182,16 @@ async fn run(ws: Socket, id: Identity, conn_id: uuid::Uuid, sh: Arc<Shared>) {
     }
 
     let code = match end {
-        Some(End::Close(code, why)) => {
-            if code == close::SLOW_CONSUMER {
+        Some(End::Close(c)) => {
+            if c == close::SLOW_CONSUMER {
                 sh.metrics.slow_consumer();
             }
-            Box::pin(send_close(&mut tx, code, why)).await;
-            code
+            Box::pin(send_close(&mut tx, c)).await;
+            c.code
         }
         _ => close::NORMAL,
     };
-    leave(&sh, user, conn_id.as_u128());
+    sh.leave(user, conn_id.as_u128());
     if opened {
         sh.metrics.connection_closed();
     }
@@ -220,12 +199,7 @@ async fn run(ws: Socket, id: Identity, conn_id: uuid::Uuid, sh: Arc<Shared>) {
 }
 
 fn slow_consumer() -> End {
-    End::Close(close::SLOW_CONSUMER, "slow consumer: outbound queue overflowed")
-}
-
-fn leave(sh: &Shared, user: &str, conn_id: u128) {
-    sh.hub.remove_with(user, conn_id, || sh.bus.unsubscribe_user(user));
-    sh.metrics.set_users(sh.hub.users());
+    End::Close(close::SLOW_CONSUMER)
 }
 
 /// Most frames written before one flush.
@@ -291,7 +265,7 @@ fn is_too_big(e: &tungstenite::Error) -> bool {
     matches!(e, tungstenite::Error::Capacity(_))
 }
 
-async fn on_message<S>(sh: &Shared, id: &Identity, limiter: &mut RateLimiter, tx: &mut S, m: Message) -> Option<End>
+async fn on_message<S>(sh: &Node, id: &Identity, limiter: &mut RateLimiter, tx: &mut S, m: Message) -> Option<End>
 where
     S: futures_util::Sink<Message, Error = tungstenite::Error> + Unpin,
 {
@@ -306,13 +280,13 @@ where
     send(tx, Message::text(reply)).await.err().map(|()| End::Gone)
 }
 
-fn reject(sh: &Shared, e: WireError) -> String {
+fn reject(sh: &Node, e: WireError) -> String {
     sh.metrics.client_error(e.code);
     wire::error(&e)
 }
 
 /// Handles one text frame and returns the reply frame (`ack`, `error` or `pong`).
-async fn handle_text(sh: &Shared, id: &Identity, limiter: &mut RateLimiter, text: &str) -> String {
+async fn handle_text(sh: &Node, id: &Identity, limiter: &mut RateLimiter, text: &str) -> String {
     let (to, message, cmid) = match wire::decode(text, id.broadcast) {
         Ok(ClientEvent::Ping) => return wire::PONG.to_string(),
         Ok(ClientEvent::Chat { to, message, client_message_id }) => (to, message, client_message_id),
@@ -325,7 +299,7 @@ async fn handle_text(sh: &Shared, id: &Identity, limiter: &mut RateLimiter, text
         Recipients::One(_) | Recipients::All => 1,
     };
     if !limiter.try_take_at(Instant::now(), cost) {
-        sh.metrics.dropped(Drop::RateLimited);
+        sh.metrics.dropped(DropReason::RateLimited);
         let mut e = WireError::new(
             ErrorCode::RateLimited,
             format!(
@@ -337,13 +311,15 @@ async fn handle_text(sh: &Shared, id: &Identity, limiter: &mut RateLimiter, text
         return reject(sh, e);
     }
     sh.metrics.ws_message_in();
-    let msg_id = wire::message_id(&id.user_id, cmid.as_deref()).to_string();
-    let payload = Bytes::from(wire::chat_message(&msg_id, &id.user_id, &to, message, unix_millis(), cmid.as_deref()));
-    if sh.bus.publish(&sh.bus.topics(&to), payload).await.is_err() {
-        let mut e =
-            WireError::new(ErrorCode::Unavailable, "the broker did not accept the message in time; it was not sent");
-        e.client_message_id = cmid;
-        return reject(sh, e);
+    match sh.publish(&id.user_id, &to, message, cmid.as_deref()).await {
+        Ok(msg_id) => wire::ack(&msg_id, cmid.as_deref()),
+        Err(_) => {
+            let mut e = WireError::new(
+                ErrorCode::Unavailable,
+                "the broker did not accept the message in time; it was not sent",
+            );
+            e.client_message_id = cmid;
+            reject(sh, e)
+        }
     }
-    wire::ack(&msg_id, cmid.as_deref())
 }

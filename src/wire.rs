@@ -1,4 +1,4 @@
-//! Client and server frames (spec §4), error codes and close codes (spec §8).
+//! Client and server frames, error codes and close codes (docs/protocol.md §3-§6).
 //!
 //! Inbound frames are decoded once; the chat `message` stays a borrowed [`RawValue`] and is
 //! copied verbatim into the outbound envelope, which is serialised once and published as is.
@@ -13,19 +13,31 @@ pub const MAX_RECIPIENTS: usize = 100;
 /// Longest `clientMessageId`, in bytes.
 pub const MAX_CLIENT_MESSAGE_ID: usize = 256;
 
-/// Close codes of spec §8.
-pub mod close {
-    pub const NORMAL: u16 = 1000;
-    pub const GOING_AWAY: u16 = 1001;
-    pub const PROTOCOL_ERROR: u16 = 1002;
-    pub const INVALID_DATA: u16 = 1007;
-    pub const TOO_BIG: u16 = 1009;
-    pub const TRY_AGAIN_LATER: u16 = 1013;
-    pub const TOKEN_EXPIRED: u16 = 4001;
-    pub const SLOW_CONSUMER: u16 = 4008;
+/// A close the server sends: the code and its reason, paired in one place
+/// (docs/protocol.md §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Close {
+    pub code: u16,
+    pub reason: &'static str,
 }
 
-/// Error codes of spec §4.
+/// Every close the server sends.
+pub mod close {
+    use super::Close;
+
+    /// The peer closed or went away; what the log records (no close frame is sent).
+    pub const NORMAL: u16 = 1000;
+    pub const SHUTTING_DOWN: Close = Close { code: 1001, reason: "instance shutting down" };
+    pub const IDLE: Close = Close { code: 1001, reason: "idle timeout" };
+    pub const PROTOCOL_ERROR: Close = Close { code: 1002, reason: "WebSocket protocol error" };
+    pub const INVALID_UTF8: Close = Close { code: 1007, reason: "invalid UTF-8 in a text frame" };
+    pub const TOO_BIG: Close = Close { code: 1009, reason: "message too big" };
+    pub const BROKER_UNAVAILABLE: Close = Close { code: 1013, reason: "broker unavailable, try again later" };
+    pub const TOKEN_EXPIRED: Close = Close { code: 4001, reason: "token expired" };
+    pub const SLOW_CONSUMER: Close = Close { code: 4008, reason: "slow consumer: outbound queue overflowed" };
+}
+
+/// Error codes (docs/protocol.md §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
@@ -39,6 +51,16 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    pub const ALL: [ErrorCode; 7] = [
+        ErrorCode::BadJson,
+        ErrorCode::UnknownEvent,
+        ErrorCode::InvalidParticipant,
+        ErrorCode::TooManyRecipients,
+        ErrorCode::Forbidden,
+        ErrorCode::RateLimited,
+        ErrorCode::Unavailable,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::BadJson => "bad_json",
@@ -74,6 +96,52 @@ pub enum Recipients {
     /// Distinct ids in first-given order.
     Many(Vec<String>),
     All,
+}
+
+/// Why a user id given as JSON was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdError {
+    NotAString,
+    /// It breaks the user-id rules, for this reason.
+    Invalid(&'static str),
+}
+
+/// A user id given as a JSON value: a string that keeps the user-id rules.
+pub fn user_id(v: &RawValue) -> Result<String, IdError> {
+    let id: String = serde_json::from_str(v.get()).map_err(|_| IdError::NotAString)?;
+    check_user_id(&id).map_err(IdError::Invalid)?;
+    Ok(id)
+}
+
+/// Why a list of recipients was refused; each caller words it for its own answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListError {
+    NotAList,
+    Empty,
+    /// The entry at this index is not a valid user id.
+    Id(usize, IdError),
+    /// More than [`MAX_RECIPIENTS`] distinct ids.
+    TooMany,
+}
+
+/// A JSON list of user ids (`participantIds`, or `to` of the publish API): each a valid user
+/// id, duplicates folded in first-given order, 1 to [`MAX_RECIPIENTS`] distinct.
+pub fn recipient_list(json: &RawValue) -> Result<Vec<String>, ListError> {
+    let list: Vec<&RawValue> = serde_json::from_str(json.get()).map_err(|_| ListError::NotAList)?;
+    if list.is_empty() {
+        return Err(ListError::Empty);
+    }
+    let mut out: Vec<String> = Vec::with_capacity(list.len().min(MAX_RECIPIENTS));
+    for (i, v) in list.into_iter().enumerate() {
+        let id = user_id(v).map_err(|e| ListError::Id(i, e))?;
+        if !out.contains(&id) {
+            if out.len() == MAX_RECIPIENTS {
+                return Err(ListError::TooMany);
+            }
+            out.push(id);
+        }
+    }
+    Ok(out)
 }
 
 /// A decoded client frame.
@@ -174,12 +242,12 @@ fn decode_event<'a>(
     }
 }
 
-fn participant(v: &RawValue) -> Result<String, WireError> {
-    let id: String = serde_json::from_str(v.get())
-        .map_err(|_| WireError::new(ErrorCode::InvalidParticipant, "participant ids must be strings"))?;
-    check_user_id(&id)
-        .map_err(|why| WireError::new(ErrorCode::InvalidParticipant, format!("invalid participant id: {why}")))?;
-    Ok(id)
+fn participant_error(e: IdError) -> WireError {
+    let m = match e {
+        IdError::NotAString => "participant ids must be strings".to_string(),
+        IdError::Invalid(why) => format!("invalid participant id: {why}"),
+    };
+    WireError::new(ErrorCode::InvalidParticipant, m)
 }
 
 fn decode_chat<'a>(
@@ -195,26 +263,16 @@ fn decode_chat<'a>(
                     "\"participantIds\" is required: a list of 1-100 user ids",
                 )
             })?;
-            let list: Vec<&RawValue> = serde_json::from_str(ids.get()).map_err(|_| {
-                WireError::new(ErrorCode::InvalidParticipant, "\"participantIds\" must be a list of user ids")
-            })?;
-            if list.is_empty() {
-                return Err(WireError::new(ErrorCode::InvalidParticipant, "\"participantIds\" is empty"));
-            }
-            let mut out: Vec<String> = Vec::with_capacity(list.len().min(MAX_RECIPIENTS));
-            for v in list {
-                let id = participant(v)?;
-                if !out.contains(&id) {
-                    if out.len() == MAX_RECIPIENTS {
-                        return Err(WireError::new(
-                            ErrorCode::TooManyRecipients,
-                            format!("at most {MAX_RECIPIENTS} distinct recipients per message"),
-                        ));
-                    }
-                    out.push(id);
-                }
-            }
-            Recipients::Many(out)
+            let invalid = |m: String| WireError::new(ErrorCode::InvalidParticipant, m);
+            Recipients::Many(recipient_list(ids).map_err(|e| match e {
+                ListError::NotAList => invalid("\"participantIds\" must be a list of user ids".into()),
+                ListError::Empty => invalid("\"participantIds\" is empty".into()),
+                ListError::Id(_, e) => participant_error(e),
+                ListError::TooMany => WireError::new(
+                    ErrorCode::TooManyRecipients,
+                    format!("at most {MAX_RECIPIENTS} distinct recipients per message"),
+                ),
+            })?)
         }
         "send_chat_message_to_all_participants" => {
             if !may_broadcast {
@@ -229,7 +287,7 @@ fn decode_chat<'a>(
             let id = chat
                 .participant_id
                 .ok_or_else(|| WireError::new(ErrorCode::InvalidParticipant, "\"participantId\" is required"))?;
-            Recipients::One(participant(id)?)
+            Recipients::One(user_id(id).map_err(participant_error)?)
         }
     };
     let message = chat.message.filter(|m| m.get() != "null").ok_or_else(|| bad_json("\"message\" is required"))?;

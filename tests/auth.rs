@@ -1,5 +1,5 @@
 //! Authentication at the WebSocket upgrade: the three token locations, subprotocol echo, every
-//! refusal of spec §3 as a 401 without upgrade, the `fanout token` command, and `from` spoofing.
+//! refusal of docs/protocol.md §2 as a 401 without upgrade, the `fanout token` command, and `from` spoofing.
 
 mod common;
 
@@ -8,7 +8,7 @@ use std::process::Command;
 use common::*;
 use serde_json::{json, Value};
 
-/// Every token of spec §3 that must be refused, with a name for the failure message.
+/// Every token of docs/protocol.md §2.3 that must be refused, with a name for the failure message.
 fn bad_tokens() -> Vec<(&'static str, Option<String>)> {
     let now = now_secs() as i64;
     let ok = |sub: &str| json!({"sub": sub, "iat": now, "exp": now + 3600});

@@ -1,4 +1,4 @@
-//! Bad input from a client: every error code of spec §4, none of which closes the connection or
+//! Bad input from a client: every error code of docs/protocol.md §4.3, none of which closes the connection or
 //! disturbs the broker link; rate limiting; the 1009 close for oversized frames.
 
 mod common;

@@ -1,7 +1,7 @@
 // fanout-client: a WebSocket client for fanout (https://github.com/… see README.md).
 // Zero dependencies, one ES module, for browsers and Node >= 20 (pass `WebSocket` where there
 // is no global one, e.g. from the `ws` package). The protocol it speaks is in
-// shared/spec/protocol.md §3, §4 and §8; the choices it makes are in README.md beside this file.
+// docs/protocol.md §2-§6 of the fanout repository; the choices it makes are in README.md beside this file.
 
 /** @typedef {'disconnected' | 'connecting' | 'connected'} State */
 

@@ -427,12 +427,8 @@ impl Subs {
     /// (recorded as requested: send them before anything else), and — if the broker kept our
     /// session — the unsubscribes lost meanwhile are returned to be sent too.
     pub fn link_up(&mut self, session_present: bool) -> (Vec<Batch>, Vec<String>) {
-        self.requested.clear();
-        self.inflight.clear();
-        self.unsent.clear();
-        self.healing.clear();
+        self.link_lost();
         for t in self.wanted.values_mut() {
-            t.confirmed = false;
             t.resub = true;
         }
         self.resubscribing = self.wanted.len();

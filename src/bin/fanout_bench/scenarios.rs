@@ -277,7 +277,7 @@ pub fn merge(a: &mut Value, b: Value) {
 
 fn floor_envelope(from: &str, to: &str, msg: &str) -> Vec<u8> {
     let id = uuid::Uuid::new_v4();
-    let ms = fanout::auth::unix_millis();
+    let ms = fanout::clock::unix_millis();
     format!(
         "{{\"event\":\"chat_message\",\"data\":{{\"id\":\"{id}\",\"from\":\"{from}\",\"to\":\"{to}\",\"message\":{msg},\"sentAt\":{ms}}}}}"
     )
