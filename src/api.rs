@@ -77,15 +77,17 @@ pub fn parse(body: &[u8]) -> Result<Publish<'_>, String> {
                 "say who gets the message: \"to\": \"<user id>\", \"to\": [<user ids>] or \"broadcast\": true".into()
             )
         }
-        (Some(v), false) if v.get().starts_with('[') => Recipients::Many(wire::recipient_list(v).map_err(|e| match e {
-            ListError::NotAList => "\"to\" is not a valid list of user ids".to_string(),
-            ListError::Empty => "\"to\" is an empty list; give 1-100 user ids".to_string(),
-            ListError::Id(i, e) => match e {
-                IdError::NotAString => format!("\"to\"[{i}] must be a string (a user id)"),
-                IdError::Invalid(why) => format!("invalid user id in \"to\"[{i}]: {why}"),
-            },
-            ListError::TooMany => format!("\"to\" has more than {MAX_RECIPIENTS} distinct user ids"),
-        })?),
+        (Some(v), false) if v.get().starts_with('[') => {
+            Recipients::Many(wire::recipient_list(v).map_err(|e| match e {
+                ListError::NotAList => "\"to\" is not a valid list of user ids".to_string(),
+                ListError::Empty => "\"to\" is an empty list; give 1-100 user ids".to_string(),
+                ListError::Id(i, e) => match e {
+                    IdError::NotAString => format!("\"to\"[{i}] must be a string (a user id)"),
+                    IdError::Invalid(why) => format!("invalid user id in \"to\"[{i}]: {why}"),
+                },
+                ListError::TooMany => format!("\"to\" has more than {MAX_RECIPIENTS} distinct user ids"),
+            })?)
+        }
         (Some(v), false) => Recipients::One(user_id(v, "\"to\"")?),
     };
     let message = raw.message.ok_or("\"message\" is required (any JSON value except null)")?;

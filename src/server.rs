@@ -125,7 +125,8 @@ pub async fn run(
     let (bus, eventloop) = Bus::new(&cfg, hub.clone(), metrics.clone(), shutdown.clone());
     let bus_task = tokio::spawn(bus.clone().run(eventloop));
 
-    let node = Arc::new(Node { cfg: cfg.clone(), hub: hub.clone(), bus: bus.clone(), metrics, shutdown: shutdown.clone() });
+    let node =
+        Arc::new(Node { cfg: cfg.clone(), hub: hub.clone(), bus: bus.clone(), metrics, shutdown: shutdown.clone() });
     let gw = Arc::new(Gateway {
         node,
         verifier,

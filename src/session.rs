@@ -33,6 +33,9 @@ enum End {
     Close(Close),
     /// The peer went away or the socket failed: nothing more to send.
     Gone,
+    /// The client sent a close frame: tungstenite queued the reply, which goes out before the
+    /// socket is dropped (the client sees its own code, not 1006).
+    ClientClosed,
 }
 
 /// WebSocket settings of every session: small buffers (tungstenite's 128 KiB read buffer
@@ -189,6 +192,10 @@ async fn run(ws: Socket, id: Identity, conn_id: uuid::Uuid, sh: Arc<Node>) {
             Box::pin(send_close(&mut tx, c)).await;
             c.code
         }
+        Some(End::ClientClosed) => {
+            let _ = tokio::time::timeout(WRITE_TIMEOUT, Box::pin(tx.flush())).await;
+            close::NORMAL
+        }
         _ => close::NORMAL,
     };
     sh.leave(user, conn_id.as_u128());
@@ -274,7 +281,7 @@ where
         Message::Binary(_) => {
             reject(sh, WireError::new(ErrorCode::BadJson, "binary frames are not accepted; send JSON text frames"))
         }
-        Message::Close(_) => return Some(End::Gone),
+        Message::Close(_) => return Some(End::ClientClosed),
         Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return None,
     };
     send(tx, Message::text(reply)).await.err().map(|()| End::Gone)

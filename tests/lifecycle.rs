@@ -197,3 +197,16 @@ async fn broker_outage_turns_readyz_503_refuses_with_1013_and_loses_nothing() {
     assert_eq!(bob.recv_text().await, "after restart", "bob's socket must survive the broker restart");
     assert!(inst.metric_or_zero("fanout_mqtt_reconnects_total").await >= 1.0);
 }
+
+/// A client that closes gets the server's close frame back (the closing handshake), not a
+/// dropped socket that a browser would report as 1006.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_close_is_answered_with_a_close_frame() {
+    use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
+    let m = Mosquitto::start();
+    let inst = Instance::start(InstanceOpts::broker(&m)).await;
+    let mut c = inst.connect("leaver").await;
+    c.ws.close(Some(CloseFrame { code: CloseCode::Normal, reason: "bye".into() })).await.unwrap();
+    assert_eq!(c.recv_close(Duration::from_secs(5)).await, Some(1000), "no close frame came back");
+    inst.wait_metric("fanout_connections", |v| v == 0.0, Duration::from_secs(5)).await;
+}
