@@ -29,7 +29,7 @@
 
 mod state;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,10 +43,10 @@ use tokio::sync::{oneshot, Notify, Semaphore, TryAcquireError};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 pub use state::{cost, ENTRY_OVERHEAD};
-use state::{Outbound, Subs, CHUNK, QOS};
+use state::{Outbound, Subs, QOS};
 
 use crate::config::{BrokerTarget, Config};
 use crate::hub::Hub;
@@ -55,6 +55,14 @@ use crate::wire::{self, Recipients};
 
 /// Room for the envelope around the client's frame in a publish.
 pub const ENVELOPE_SLACK: usize = 8 * 1024;
+/// The largest packet MQTT 3.1.1 can carry (256 MiB of remaining length + fixed header).
+const MQTT_MAX_PACKET: usize = 268_435_455 + 5;
+
+/// The largest packet the bus writes: a publish of the largest message with its envelope and
+/// topic, and never less than 64 KiB (SUBSCRIBE batches, [`state::CHUNK_BYTES`]).
+fn max_outgoing(max_message_bytes: usize) -> usize {
+    (max_message_bytes + ENVELOPE_SLACK).max(64 * 1024)
+}
 /// Most publishes given to rumqttc at once (written or waiting to be, not yet acknowledged).
 /// At 16,000 msg/s on loopback a handful are out; across a 100 ms link this allows ~5,000/s.
 pub const WINDOW: usize = 512;
@@ -117,6 +125,9 @@ enum AfterClose {
     Exit,
 }
 
+/// A link that stayed up this long resets the reconnect backoff when it drops.
+const STABLE_LINK: Duration = Duration::from_secs(5);
+
 /// Longest wait for the broker to close the connection after our DISCONNECT.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
@@ -135,9 +146,22 @@ pub struct Bus {
     broadcast_topic: String,
     connected: AtomicBool,
     broker_wait: Duration,
-    max_publish_bytes: usize,
+    /// The largest packet the MQTT client will write; a bigger publish is refused up front (it
+    /// would cost the link).
+    max_packet: usize,
     /// The instance's shutdown signal: a publish waiting for room gives up when it fires.
     shutdown: CancellationToken,
+    /// The broker, or the nodes of one cluster, tried in turn (see [`Bus::run`]).
+    nodes: Vec<BrokerTarget>,
+    /// Index in `nodes` of the node the link uses (or tries).
+    node: AtomicUsize,
+    client_id: String,
+    max_message_bytes: usize,
+}
+
+/// The MQTT client id of an instance: `fanout-<instance-id>`.
+pub fn client_id(cfg: &Config) -> String {
+    format!("fanout-{}", cfg.instance_id)
 }
 
 impl std::fmt::Debug for Bus {
@@ -146,16 +170,16 @@ impl std::fmt::Debug for Bus {
     }
 }
 
-/// Builds the rumqttc options for `cfg` (first connect is clean; see module docs).
-pub fn mqtt_options(cfg: &Config) -> MqttOptions {
-    let BrokerTarget { host, port, username, password, .. } = &cfg.broker;
-    let mut o = MqttOptions::new(format!("fanout-{}", cfg.instance_id), host.clone(), *port);
+/// Builds the rumqttc options for node `target` (first connect is clean; see module docs).
+fn mqtt_options(client_id: &str, target: &BrokerTarget, max_message_bytes: usize, clean: bool) -> MqttOptions {
+    let BrokerTarget { host, port, username, password } = target;
+    let mut o = MqttOptions::new(client_id, host.clone(), *port);
     o.set_keep_alive(Duration::from_secs(10));
-    o.set_clean_session(true);
-    let max_out = cfg.max_message_bytes + ENVELOPE_SLACK;
-    // Incoming may be larger than what we publish (operators inject with mosquitto_pub); a
-    // too-large incoming packet would otherwise cost a reconnect loop.
-    o.set_max_packet_size(max_out.max(1 << 20) * 2, max_out);
+    o.set_clean_session(clean);
+    // An incoming packet is never refused: with a persistent session the broker would resend
+    // it after every reconnect, a loop (an operator may inject anything with mosquitto_pub, and
+    // a peer instance may allow larger messages).
+    o.set_max_packet_size(MQTT_MAX_PACKET, max_outgoing(max_message_bytes));
     o.set_inflight(RUMQTTC_INFLIGHT);
     if let Some(u) = username {
         o.set_credentials(u.clone(), password.clone().unwrap_or_default());
@@ -172,7 +196,8 @@ impl Bus {
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> (Arc<Bus>, EventLoop) {
-        let (client, mut eventloop) = AsyncClient::new(mqtt_options(cfg), REQUEST_CHANNEL);
+        let options = mqtt_options(&client_id(cfg), &cfg.brokers[0], cfg.max_message_bytes, true);
+        let (client, mut eventloop) = AsyncClient::new(options, REQUEST_CHANNEL);
         let mut net = NetworkOptions::new();
         net.set_tcp_nodelay(true);
         net.set_connection_timeout(5);
@@ -207,8 +232,12 @@ impl Bus {
             broadcast_topic: cfg.broadcast_topic.clone(),
             connected: AtomicBool::new(false),
             broker_wait: cfg.broker_wait,
-            max_publish_bytes: cfg.max_message_bytes + ENVELOPE_SLACK,
+            max_packet: max_outgoing(cfg.max_message_bytes),
             shutdown,
+            nodes: cfg.brokers.clone(),
+            node: AtomicUsize::new(0),
+            client_id: client_id(cfg),
+            max_message_bytes: cfg.max_message_bytes,
         });
         // The broadcast topic is wanted for the whole life of the instance.
         let bt = bus.broadcast_topic.clone();
@@ -231,11 +260,41 @@ impl Bus {
 
     /// True while the link is up and the resubscription after the last (re)connect is complete.
     pub fn ready(&self) -> bool {
-        self.connected() && self.state.lock().subs.ready()
+        self.connected() && self.state.lock().subs.ready() && !self.stalled()
+    }
+
+    /// True while the link is up but the broker has not answered a publish or SUBSCRIBE for
+    /// longer than `--broker-timeout` (a black-holed link: rumqttc's keep-alive notices only
+    /// after two missed pings, up to 20 s).
+    pub fn stalled(&self) -> bool {
+        let st = self.state.lock();
+        let oldest = match (st.out.oldest_written(), st.subs.oldest_unanswered()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        oldest.is_some_and(|t| t.elapsed() > self.broker_wait)
     }
 
     pub fn connected(&self) -> bool {
         self.connected.load(Ordering::Acquire)
+    }
+
+    /// `host:port` of the broker node the link uses (or is trying).
+    pub fn node(&self) -> String {
+        self.nodes[self.node.load(Ordering::Relaxed) % self.nodes.len()].address()
+    }
+
+    /// Moves the link to the next node of the cluster (with one node: the same again) for the
+    /// next connect, keeping the session setting.
+    fn next_node(&self, el: &mut EventLoop) {
+        let n = self.nodes.len();
+        if n < 2 {
+            return;
+        }
+        let next = (self.node.load(Ordering::Relaxed) + 1) % n;
+        self.node.store(next, Ordering::Relaxed);
+        let clean = el.mqtt_options.clean_session();
+        el.mqtt_options = mqtt_options(&self.client_id, &self.nodes[next], self.max_message_bytes, clean);
     }
 
     /// Number of wanted topics (user topics + broadcast).
@@ -259,7 +318,7 @@ impl Bus {
             if st.up {
                 // Sent under the lock so that the ledger's request order is the channel's.
                 if self.client.try_subscribe(topic, QOS).is_ok() {
-                    st.subs.sent(vec![(topic.to_string(), generation)]);
+                    st.subs.sent(vec![(topic.to_string(), generation)], std::time::Instant::now());
                 } else {
                     st.subs.unsent(topic.to_string(), generation);
                 }
@@ -296,7 +355,9 @@ impl Bus {
     /// publish queue; then it is refused and never sent. Once accepted it is sent in order
     /// after everything accepted before it, and survives broker-link failures.
     pub async fn publish(&self, topics: &[String], payload: Bytes) -> Result<(), BusError> {
-        if payload.len() > self.max_publish_bytes || topics.is_empty() {
+        // Publish packet: fixed header (≤ 5) + topic length (2) + topic + packet id (2) + payload.
+        let too_big = |t: &String| 9 + t.len() + payload.len() > self.max_packet;
+        if topics.is_empty() || topics.iter().any(too_big) {
             return Err(self.refused());
         }
         let costs: Vec<usize> = topics.iter().map(|t| cost(t, &payload)).collect();
@@ -343,9 +404,13 @@ impl Bus {
         if !st.up {
             return;
         }
+        let now = std::time::Instant::now();
+        for (topic, generation) in st.subs.due_refused(now) {
+            st.subs.unsent(topic, generation);
+        }
         while let Some((topic, generation)) = st.subs.next_unsent() {
             if self.client.try_subscribe(topic.clone(), QOS).is_ok() {
-                st.subs.sent(vec![(topic, generation)]);
+                st.subs.sent(vec![(topic, generation)], now);
             } else {
                 st.subs.unsent_first(topic, generation);
                 break;
@@ -433,12 +498,16 @@ impl Bus {
             }
             Event::Incoming(Incoming::SubAck(a)) => {
                 let mut st = self.state.lock();
-                st.subs.suback(a.pkid, &a.return_codes);
+                st.subs.suback(a.pkid, &a.return_codes, std::time::Instant::now());
                 self.metrics.set_ready(st.up && st.subs.ready());
                 self.pump(&mut st);
             }
+            // Every request rumqttc takes out of its channel makes room there: whatever found
+            // it full (a publish, a SUBSCRIBE, the DISCONNECT) goes now.
             Event::Outgoing(Outgoing::Publish(pkid)) => {
-                self.state.lock().out.written(pkid);
+                let mut st = self.state.lock();
+                st.out.written(pkid, std::time::Instant::now());
+                self.pump(&mut st);
             }
             Event::Outgoing(Outgoing::Subscribe(pkid)) => {
                 let mut st = self.state.lock();
@@ -447,9 +516,7 @@ impl Bus {
             }
             Event::Outgoing(Outgoing::Unsubscribe(_)) => {
                 let mut st = self.state.lock();
-                if st.subs.has_unsent() || st.subs.has_lost_unsubs() {
-                    self.pump(&mut st);
-                }
+                self.pump(&mut st);
             }
             _ => {}
         }
@@ -486,9 +553,19 @@ impl Bus {
         st.subs.link_lost();
         // A DISCONNECT not yet written was taken back too: sent again once all is acknowledged.
         st.disconnect_sent = false;
-        let back = st.out.link_lost();
-        if back > 0 {
-            debug!(publishes = back, "unacknowledged publishes kept for the next link");
+        let loss = st.out.link_lost(std::time::Instant::now());
+        if loss.requeued > 0 {
+            debug!(publishes = loss.requeued, "unacknowledged publishes kept for the next link");
+        }
+        if let Some((topic, bytes, permits)) = loss.poisoned {
+            self.room.add_permits(permits);
+            self.metrics.dropped(DropReason::BrokerRefused);
+            error!(
+                topic,
+                bytes,
+                strikes = state::POISON_STRIKES,
+                "the broker dropped the link right after this accepted publish every time it was sent; it is set aside (lost) so the messages behind it go on. Check the broker's max_packet_size and ACL"
+            );
         }
     }
 
@@ -496,14 +573,14 @@ impl Bus {
     /// broker kept our session (both ahead of anything else), then the publishes.
     fn link_up(&self, el: &mut EventLoop, session_present: bool) {
         let mut st = self.state.lock();
-        let (batches, unsubs) = st.subs.link_up(session_present);
+        let (batches, unsubs) = st.subs.link_up(session_present, std::time::Instant::now());
         let mut front: Vec<Request> = Vec::with_capacity(batches.len() + 1);
         for b in &batches {
             let filters = b.iter().map(|(t, _)| SubscribeFilter::new(t.clone(), QOS)).collect::<Vec<_>>();
             front.push(Request::Subscribe(Subscribe::new_many(filters)));
         }
-        for chunk in unsubs.chunks(CHUNK) {
-            front.push(Request::Unsubscribe(Unsubscribe { pkid: 0, topics: chunk.to_vec() }));
+        for topics in state::chunks(&unsubs) {
+            front.push(Request::Unsubscribe(Unsubscribe { pkid: 0, topics }));
         }
         for r in front.into_iter().rev() {
             el.pending.push_front(r);
@@ -515,12 +592,17 @@ impl Bus {
     }
 
     /// Runs the link until the session has ended after [`Bus::stop`] (or the stop deadline
-    /// passed).
-    pub async fn run(self: Arc<Self>, mut el: EventLoop) {
+    /// passed). Returns how many accepted publishes never reached the broker (0 normally).
+    pub async fn run(self: Arc<Self>, mut el: EventLoop) -> usize {
         let mut phase = Phase::Wiping;
         let mut backoff = Backoff::default();
         let mut ever_up = false;
         let mut warned_down = false;
+        // Connect failures since the link was last stable, and since when it is up.
+        let mut failures = 0usize;
+        let mut up_since: Option<std::time::Instant> = None;
+        // Links that dropped soon after their ConnAck, in a row.
+        let mut quick_drops = 0u32;
         loop {
             let deadline = self.state.lock().stop_deadline;
             let until = match (phase, deadline) {
@@ -571,7 +653,9 @@ impl Bus {
             }
             match polled {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    backoff.reset();
+                    // The backoff is reset only once the link proves stable: a broker that
+                    // drops us right after every ConnAck must not be hit 10 times a second.
+                    up_since = Some(std::time::Instant::now());
                     match phase {
                         Phase::Wiping => {
                             // Clean connect done: any stale session with our id is gone. Now
@@ -585,14 +669,15 @@ impl Bus {
                         }
                         Phase::Down { since } => {
                             self.link_up(&mut el, ack.session_present);
-                            self.metrics.mqtt_up(ever_up);
+                            self.metrics.mqtt_up(ever_up, &self.node());
                             match since {
                                 Some(t) => info!(
+                                    broker = %self.node(),
                                     session_present = ack.session_present,
                                     down_ms = t.elapsed().as_millis() as u64,
                                     "broker link restored"
                                 ),
-                                None => info!("broker link up"),
+                                None => info!(broker = %self.node(), "broker link up"),
                             }
                             ever_up = true;
                             warned_down = false;
@@ -617,23 +702,45 @@ impl Bus {
                 }
                 Ok(ev) => self.on_event(ev),
                 Err(e) => {
+                    match up_since.take() {
+                        Some(t) if t.elapsed() >= STABLE_LINK => {
+                            backoff.reset();
+                            failures = 0;
+                            quick_drops = 0;
+                        }
+                        Some(_) => {
+                            quick_drops += 1;
+                            if quick_drops == 3 {
+                                warn!(
+                                    client_id = %self.client_id,
+                                    "the broker keeps closing the link right after it accepts us: is another instance running with the same --instance-id (the broker lets one client id connect at a time), or does the broker refuse something we send (see its log)?"
+                                );
+                            }
+                        }
+                        None => {}
+                    }
                     let was_up = matches!(phase, Phase::Up);
                     self.link_lost(&mut el);
                     phase = match phase {
                         Phase::Up => Phase::Down { since: Some(std::time::Instant::now()) },
                         p => p,
                     };
+                    let lost = self.node();
+                    self.next_node(&mut el);
+                    failures += 1;
                     if was_up || !warned_down {
-                        warn!(error = %e, "broker link down; reconnecting with backoff");
+                        warn!(error = %e, broker = %lost, next = %self.node(), "broker link down; reconnecting with backoff");
                         warned_down = true;
                     } else {
-                        debug!(error = %e, "broker still unreachable");
+                        debug!(error = %e, broker = %lost, "broker still unreachable");
                     }
                     if self.give_up_while_down(phase) {
                         break;
                     }
+                    // With several nodes, each is tried once at once before backing off.
+                    let wait = if failures < self.nodes.len() { Duration::ZERO } else { backoff.next() };
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff.next()) => {}
+                        _ = tokio::time::sleep(wait) => {}
                         _ = self.wake.notified() => {
                             if self.give_up_while_down(phase) {
                                 break;
@@ -648,8 +755,9 @@ impl Bus {
         let (lost, permits) = self.state.lock().out.abandon();
         self.room.add_permits(permits);
         if lost > 0 {
-            warn!(publishes = lost, "stopped before the broker acknowledged these accepted publishes: they are lost");
+            error!(publishes = lost, "stopped before the broker acknowledged these accepted publishes: they are lost");
         }
+        lost
     }
 
     /// While the link is down and the instance stops: leave at once when nothing accepted is

@@ -26,10 +26,12 @@ pub struct ServeArgs {
     #[arg(long, env = "FANOUT_WS_PATH", default_value = "/entrypoint")]
     pub ws_path: String,
 
-    /// External MQTT broker, mqtt://[user:pass@]host:port (mqtts:// for TLS). When unset,
-    /// fanout starts its embedded development broker on --embedded-mqtt-listen.
-    #[arg(long, env = "FANOUT_MQTT_URL")]
-    pub mqtt_url: Option<String>,
+    /// External MQTT broker, mqtt://[user:pass@]host:port. Several nodes of one cluster are
+    /// given comma-separated (or by repeating the flag): on link loss the instance moves to the
+    /// next. When unset, fanout starts its embedded development broker on
+    /// --embedded-mqtt-listen.
+    #[arg(long, env = "FANOUT_MQTT_URL", value_delimiter = ',', num_args = 1..)]
+    pub mqtt_url: Vec<String>,
 
     /// Where the embedded development broker listens (only without --mqtt-url), so that
     /// mosquitto_pub and other instances can reach it.
@@ -95,6 +97,12 @@ pub struct ServeArgs {
     #[arg(long, env = "FANOUT_PUBLISH_QUEUE_BYTES", default_value = "64MiB", value_parser = parse_bytes)]
     pub publish_queue_bytes: u64,
 
+    /// At shutdown, how long accepted messages still waiting for the broker may take to be
+    /// delivered (for example while the broker link comes back) before they are given up;
+    /// then the broker session ends. Give the orchestrator's grace period 5 s more than this.
+    #[arg(long, env = "FANOUT_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
     /// Threads that run connections; 0 = one per CPU core. Several instances sharing a host
     /// do best with cores / instances each (fewer threads to wake per message).
     #[arg(long, env = "FANOUT_WORKER_THREADS", default_value_t = 0)]
@@ -115,7 +123,7 @@ pub enum LogFormat {
     Json,
 }
 
-/// The broker fanout talks to.
+/// A broker (or one node of a broker cluster) fanout talks to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerTarget {
     pub host: String,
@@ -124,12 +132,24 @@ pub struct BrokerTarget {
     pub password: Option<String>,
 }
 
+impl BrokerTarget {
+    /// `host:port`, as logs, `/readyz` and metrics name the node in use.
+    pub fn address(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
 /// Validated settings of one instance.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
     pub ws_path: String,
-    pub broker: BrokerTarget,
+    /// The broker, or the nodes of one broker cluster in the order they are tried (never empty).
+    pub brokers: Vec<BrokerTarget>,
     /// `Some(addr)` when the embedded development broker must be started on `addr`.
     pub embedded_broker: Option<SocketAddr>,
     pub topic_prefix: String,
@@ -148,6 +168,8 @@ pub struct Config {
     pub publish_queue_bytes: usize,
     /// Runtime worker threads; 0 = one per core.
     pub worker_threads: usize,
+    /// How long accepted messages may take to reach the broker at shutdown.
+    pub shutdown_grace: Duration,
     /// Server ping interval; a peer silent for `idle_timeout` is dropped.
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
@@ -173,9 +195,20 @@ impl ServeArgs {
         if !self.ws_path.starts_with('/') {
             return Err(bad("--ws-path", "FANOUT_WS_PATH", "must start with '/', e.g. /entrypoint"));
         }
-        let (broker, embedded_broker) = match &self.mqtt_url {
-            Some(url) => (parse_mqtt_url(url).map_err(|e| bad("--mqtt-url", "FANOUT_MQTT_URL", e))?, None),
-            None => {
+        let urls: Vec<&str> = self.mqtt_url.iter().map(|u| u.trim()).filter(|u| !u.is_empty()).collect();
+        let (brokers, embedded_broker) = match urls.as_slice() {
+            [_, ..] => {
+                let mut brokers = Vec::with_capacity(urls.len());
+                for url in &urls {
+                    let b = parse_mqtt_url(url).map_err(|e| bad("--mqtt-url", "FANOUT_MQTT_URL", e))?;
+                    if brokers.contains(&b) {
+                        return Err(bad("--mqtt-url", "FANOUT_MQTT_URL", format!("'{url}' is given twice")));
+                    }
+                    brokers.push(b);
+                }
+                (brokers, None)
+            }
+            [] => {
                 let addr = parse_addr(&self.embedded_mqtt_listen).map_err(|e| {
                     bad(
                         "--embedded-mqtt-listen",
@@ -183,13 +216,20 @@ impl ServeArgs {
                         format!("{e}; expected host:port like 127.0.0.1:1883"),
                     )
                 })?;
+                if !addr.ip().is_loopback() {
+                    return Err(bad(
+                        "--embedded-mqtt-listen",
+                        "FANOUT_EMBEDDED_MQTT_LISTEN",
+                        format!("{addr} is not a loopback address, and the embedded development broker has no authentication (anyone could read and forge messages): keep it on 127.0.0.1, or run Mosquitto and pass --mqtt-url"),
+                    ));
+                }
                 if !cfg!(feature = "embedded-broker") {
                     return Err(ConfigError(
                         "no --mqtt-url (env FANOUT_MQTT_URL) given and this build has no embedded broker: pass --mqtt-url mqtt://host:1883".into(),
                     ));
                 }
                 let host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
-                (BrokerTarget { host, port: addr.port(), username: None, password: None }, Some(addr))
+                (vec![BrokerTarget { host, port: addr.port(), username: None, password: None }], Some(addr))
             }
         };
         check_topic_part(&self.topic_prefix).map_err(|e| bad("--topic-prefix", "FANOUT_TOPIC_PREFIX", e))?;
@@ -267,8 +307,11 @@ impl ServeArgs {
             return Err(bad(
                 "--publish-queue-bytes",
                 "FANOUT_PUBLISH_QUEUE_BYTES",
-                format!("must be between {one} bytes (one largest message) and 4GiB, e.g. 64MiB"),
+                format!("must be at least {one} bytes (one largest message) and below 4GiB, e.g. 64MiB"),
             ));
+        }
+        if self.shutdown_grace.is_zero() || self.shutdown_grace > Duration::from_secs(600) {
+            return Err(bad("--shutdown-grace", "FANOUT_SHUTDOWN_GRACE", "must be between 1ms and 10m, e.g. 10s"));
         }
         if self.worker_threads > 1024 {
             return Err(bad("--worker-threads", "FANOUT_WORKER_THREADS", "must be between 0 (one per core) and 1024"));
@@ -279,7 +322,7 @@ impl ServeArgs {
         Ok(Config {
             listen,
             ws_path: self.ws_path,
-            broker,
+            brokers,
             embedded_broker,
             topic_prefix: self.topic_prefix,
             broadcast_topic: self.broadcast_topic,
@@ -295,6 +338,7 @@ impl ServeArgs {
             max_connections_per_user: self.max_connections_per_user,
             publish_queue_bytes: self.publish_queue_bytes as usize,
             worker_threads: self.worker_threads,
+            shutdown_grace: self.shutdown_grace,
             ping_interval: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(60),
             broker_wait: self.broker_timeout,
@@ -429,6 +473,15 @@ mod tests {
     }
 
     #[test]
+    fn the_embedded_broker_only_listens_on_loopback() {
+        assert!(parse(&["--embedded-mqtt-listen", "127.0.0.1:0"]).is_ok());
+        let e = parse(&["--embedded-mqtt-listen", "0.0.0.0:1883"]).unwrap_err().to_string();
+        assert!(e.contains("--embedded-mqtt-listen") && e.contains("authentication"), "{e}");
+        // With an external broker the embedded listen address is not used.
+        assert!(parse(&["--embedded-mqtt-listen", "0.0.0.0:1883", "--mqtt-url", "mqtt://b"]).is_ok());
+    }
+
+    #[test]
     fn the_development_secret_only_serves_loopback() {
         assert!(parse(&["--listen", "127.0.0.1:0"]).is_ok());
         assert!(parse(&["--listen", "[::1]:0"]).is_ok());
@@ -437,6 +490,19 @@ mod tests {
         assert!(parse(&["--listen", "0.0.0.0:3000", "--jwt-secret", "s3cret-s3cret"]).is_ok());
         // Passing the public development secret by hand is the same hole.
         assert!(parse(&["--listen", "0.0.0.0:3000", "--jwt-secret", DEV_SECRET]).is_err());
+    }
+
+    #[test]
+    fn several_mqtt_urls_are_the_nodes_of_one_cluster() {
+        let c = parse(&["--mqtt-url", "mqtt://a:1883,mqtt://u:p@b:1884", "--mqtt-url", "mqtt://c"]).unwrap();
+        let nodes: Vec<String> = c.brokers.iter().map(BrokerTarget::address).collect();
+        assert_eq!(nodes, ["a:1883", "b:1884", "c:1883"]);
+        assert_eq!(c.brokers[1].password.as_deref(), Some("p"));
+        assert!(c.embedded_broker.is_none());
+        let e = parse(&["--mqtt-url", "mqtt://a:1883,mqtt://a:1883"]).unwrap_err().to_string();
+        assert!(e.contains("twice"), "{e}");
+        let e = parse(&["--mqtt-url", "mqtt://a:1883,http://b"]).unwrap_err().to_string();
+        assert!(e.contains("--mqtt-url"), "{e}");
     }
 
     #[test]

@@ -162,13 +162,19 @@ impl Gateway {
             (false, "shutting down")
         } else if !bus.connected() {
             (false, "broker link down")
+        } else if bus.stalled() {
+            (false, "broker not answering")
         } else if !bus.ready() {
             (false, "subscriptions not confirmed yet")
         } else {
             (true, "ok")
         };
         let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-        json(status, serde_json::json!({"ready": ready, "status": why, "instanceId": self.node.cfg.instance_id}))
+        let broker = if bus.connected() { serde_json::Value::String(bus.node()) } else { serde_json::Value::Null };
+        json(
+            status,
+            serde_json::json!({"ready": ready, "status": why, "instanceId": self.node.cfg.instance_id, "broker": broker}),
+        )
     }
 
     fn metrics(&self) -> Response {

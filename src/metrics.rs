@@ -24,6 +24,11 @@ struct CodeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BrokerLabel {
+    broker: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
 }
@@ -87,16 +92,20 @@ pub enum DropReason {
     RateLimited,
     /// Inbound broker message on a topic fanout does not serve.
     UnknownTopic,
+    /// An accepted publish the broker dropped the link over every time it was written (5
+    /// times): set aside so the messages behind it go on.
+    BrokerRefused,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 7] = [
         DropReason::NoLocalUser,
         DropReason::SlowConsumer,
         DropReason::Duplicate,
         DropReason::Unavailable,
         DropReason::RateLimited,
         DropReason::UnknownTopic,
+        DropReason::BrokerRefused,
     ];
 
     fn label(self) -> &'static str {
@@ -107,6 +116,7 @@ impl DropReason {
             DropReason::Unavailable => "unavailable",
             DropReason::RateLimited => "rate_limited",
             DropReason::UnknownTopic => "unknown_topic",
+            DropReason::BrokerRefused => "broker_refused",
         }
     }
 }
@@ -123,6 +133,7 @@ pub struct Metrics {
     client_errors: Family<CodeLabel, Counter>,
     mqtt_connected: Gauge,
     mqtt_reconnects: Counter,
+    mqtt_broker: Family<BrokerLabel, Gauge>,
     connects: Counter,
     slow_consumers: Counter,
     auth_failures: Counter,
@@ -157,6 +168,7 @@ impl Metrics {
             client_errors: Family::default(),
             mqtt_connected: Gauge::default(),
             mqtt_reconnects: Counter::default(),
+            mqtt_broker: Family::default(),
             connects: Counter::default(),
             slow_consumers: Counter::default(),
             auth_failures: Counter::default(),
@@ -194,6 +206,11 @@ impl Metrics {
             "fanout_mqtt_reconnects",
             "Broker link re-establishments after the first connect",
             m.mqtt_reconnects.clone(),
+        );
+        r.register(
+            "fanout_mqtt_broker",
+            "1 for the broker node (host:port) the link is up to; no sample while it is down",
+            m.mqtt_broker.clone(),
         );
         r.register("fanout_connects", "WebSocket connections accepted (connected frame sent)", m.connects.clone());
         r.register(
@@ -299,14 +316,18 @@ impl Metrics {
     pub fn client_error(&self, code: crate::wire::ErrorCode) {
         self.client_errors.get_or_create(&CodeLabel { code: code.as_str() }).inc();
     }
-    pub fn mqtt_up(&self, reconnect: bool) {
+    /// The broker link is up, to node `broker` (`host:port`).
+    pub fn mqtt_up(&self, reconnect: bool, broker: &str) {
         self.mqtt_connected.set(1);
         if reconnect {
             self.mqtt_reconnects.inc();
         }
+        self.mqtt_broker.clear();
+        self.mqtt_broker.get_or_create(&BrokerLabel { broker: broker.to_string() }).set(1);
     }
     pub fn mqtt_down(&self) {
         self.mqtt_connected.set(0);
+        self.mqtt_broker.clear();
     }
     pub fn slow_consumer(&self) {
         self.slow_consumers.inc();

@@ -6,8 +6,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::future::Future;
+use std::task::Poll;
+
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -20,12 +24,21 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::node::Node;
 
-/// Longest wait for sessions to close, and for the broker session to end, at shutdown.
+/// Longest wait for sessions to close at shutdown.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// A connection that has not sent a complete HTTP request head within this long is closed
 /// (docs/protocol.md §8). Without it a client that connects and stays silent, or trickles a large header,
 /// holds a socket forever (warp serves hyper without a timer).
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest HTTP request head (tokens are at most 8 KiB): hyper's default of ~400 KiB per
+/// connection let one client hold gigabytes with unfinished heads; beyond this, 431.
+const MAX_HEAD_BYTES: usize = 32 * 1024;
+/// HTTP connections that have not (yet) upgraded to a WebSocket, at most; more are closed at
+/// once. With [`MAX_HEAD_BYTES`] this bounds what unfinished requests can hold (~320 MiB).
+const MAX_HTTP_CONNECTIONS: usize = 10_000;
+/// A socket write (HTTP answer, or a WebSocket frame) that cannot proceed this long fails: a
+/// peer that sends requests but never reads the answers does not hold its socket forever.
+const WRITE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Resolves on SIGINT or SIGTERM.
 pub async fn signal() {
@@ -53,7 +66,7 @@ pub async fn signal() {
 fn summary(cfg: &Config, verifier: &Verifier) {
     let broker = match cfg.embedded_broker {
         Some(a) => format!("embedded (development only) on mqtt://{a}"),
-        None => format!("mqtt://{}:{}", cfg.broker.host, cfg.broker.port),
+        None => cfg.brokers.iter().map(|b| format!("mqtt://{}", b.address())).collect::<Vec<_>>().join(", "),
     };
     let auth = match &cfg.auth {
         AuthMode::Secret { dev: true, .. } => "HS256 with the PUBLIC DEVELOPMENT SECRET".to_string(),
@@ -146,15 +159,27 @@ pub async fn run(
         warn!(remaining = gw.sessions.len(), "sessions did not close within the grace period");
     }
     // Everything acked is still handed to the broker (also across a link that drops and
-    // returns), then the broker session ends; bounded by the grace period.
-    bus.stop(SHUTDOWN_GRACE);
-    match tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(5), bus_task).await {
-        Ok(_) => {}
-        Err(_) => warn!("broker session did not end within the grace period"),
-    }
+    // returns), then the broker session ends; bounded by --shutdown-grace (and the broker's
+    // answers to two DISCONNECTs).
+    bus.stop(cfg.shutdown_grace);
+    let lost = match tokio::time::timeout(cfg.shutdown_grace + Duration::from_secs(5), bus_task).await {
+        Ok(Ok(lost)) => lost,
+        Ok(Err(_)) => bus.queued().1,
+        Err(_) => {
+            warn!("broker session did not end within the grace period");
+            bus.queued().1
+        }
+    };
     http_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
     info!("stopped");
+    if lost > 0 {
+        // Not a clean shutdown: acked messages were dropped. Say so in the exit status too.
+        return Err(format!(
+            "{lost} accepted publishes never reached the broker before --shutdown-grace ({}) ran out",
+            humantime::format_duration(cfg.shutdown_grace)
+        ));
+    }
     Ok(())
 }
 
@@ -174,7 +199,9 @@ where
     S::Future: Send + 'static,
 {
     let conns = TaskTracker::new();
+    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_HTTP_CONNECTIONS));
     let mut last_accept_error: Option<std::time::Instant> = None;
+    let mut last_full: Option<std::time::Instant> = None;
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
@@ -192,9 +219,22 @@ where
             },
             _ = stop.cancelled() => break,
         };
+        let Ok(permit) = pending.clone().try_acquire_owned() else {
+            if last_full.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
+                warn!(
+                    limit = MAX_HTTP_CONNECTIONS,
+                    "too many HTTP connections that have not upgraded; closing new ones"
+                );
+                last_full = Some(std::time::Instant::now());
+            }
+            drop(stream);
+            continue;
+        };
         let svc = svc.clone();
         let stop = stop.clone();
         conns.spawn(async move {
+            // Held until the connection ends or hands its socket to a WebSocket session.
+            let _permit = permit;
             let service = hyper::service::service_fn(move |req| {
                 let mut s = svc.clone();
                 tower_service::Service::call(&mut s, req)
@@ -202,7 +242,9 @@ where
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service)
+                .max_header_size(MAX_HEAD_BYTES)
+                .max_buf_size(MAX_HEAD_BYTES * 2)
+                .serve_connection(TokioIo::new(WriteDeadline::new(stream)), service)
                 .with_upgrades();
             tokio::pin!(conn);
             let done = tokio::select! {
@@ -225,4 +267,77 @@ where
     drop(listener);
     conns.close();
     let _ = tokio::time::timeout(Duration::from_secs(1), conns.wait()).await;
+}
+
+/// A socket whose writes fail with `TimedOut` once one has been pending for
+/// [`WRITE_DEADLINE`] (reads are untouched). The timer exists only while a write waits.
+struct WriteDeadline<T> {
+    io: T,
+    waiting: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> WriteDeadline<T> {
+    fn new(io: T) -> Self {
+        WriteDeadline { io, waiting: None }
+    }
+
+    /// `r` is the outcome of a write-side poll: pending too long becomes an error.
+    fn check<R>(&mut self, cx: &mut std::task::Context<'_>, r: Poll<std::io::Result<R>>) -> Poll<std::io::Result<R>> {
+        if r.is_ready() {
+            self.waiting = None;
+            return r;
+        }
+        let t = self.waiting.get_or_insert_with(|| Box::pin(tokio::time::sleep(WRITE_DEADLINE)));
+        match t.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                self.waiting = None;
+                Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "socket write deadline")))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for WriteDeadline<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        self.check(cx, r)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.check(cx, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_flush(cx);
+        self.check(cx, r)
+    }
+
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_shutdown(cx);
+        self.check(cx, r)
+    }
 }

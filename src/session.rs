@@ -300,9 +300,11 @@ async fn handle_text(sh: &Node, id: &Identity, limiter: &mut RateLimiter, text: 
         Err(e) => return reject(sh, e),
     };
     // Each recipient costs a token (a broadcast is one publish: one); a frame costing more
-    // than what is left is refused whole, so a group send cannot run the bucket into debt.
+    // than what is left is refused whole, so a group send cannot run the bucket into debt. A
+    // group larger than the whole bucket (a --rate-burst below 100) costs a full bucket, so
+    // it is possible at all.
     let cost = match &to {
-        Recipients::Many(v) => v.len(),
+        Recipients::Many(v) => v.len().min(sh.cfg.rate_burst as usize),
         Recipients::One(_) | Recipients::All => 1,
     };
     if !limiter.try_take_at(Instant::now(), cost) {

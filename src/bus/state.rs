@@ -24,6 +24,13 @@ pub fn cost(topic: &str, payload: &[u8]) -> usize {
     topic.len() + payload.len() + ENTRY_OVERHEAD
 }
 
+/// A publish the link dropped right after writing is suspected of making the broker drop us
+/// (one it refuses, e.g. larger than its `max_packet_size`); after this many strikes in a row
+/// it is set aside rather than jam everything behind it forever.
+pub const POISON_STRIKES: u8 = 5;
+/// A link loss this soon after the suspect was written counts as a strike.
+pub const POISON_WINDOW: Duration = Duration::from_secs(2);
+
 /// One accepted publish.
 #[derive(Debug)]
 pub struct Entry {
@@ -31,9 +38,21 @@ pub struct Entry {
     topic: String,
     payload: Bytes,
     cost: usize,
+    /// When rumqttc wrote it (this link), and how many links dropped right after that.
+    written_at: Option<Instant>,
+    strikes: u8,
     /// Queue permits this entry holds (its cost, or less when one message was larger than the
     /// whole queue); given back when the broker acknowledges it.
     permits: usize,
+}
+
+/// What a link loss did to the outbound publishes.
+#[derive(Debug, PartialEq, Eq)]
+pub struct LinkLoss {
+    /// Publishes that go out again after the reconnect.
+    pub requeued: usize,
+    /// A publish set aside after [`POISON_STRIKES`]: topic, payload bytes, permits.
+    pub poisoned: Option<(String, usize, usize)>,
 }
 
 /// Every publish the bus accepted (and acked to its sender) that the broker has not
@@ -81,7 +100,15 @@ impl Outbound {
     pub fn push(&mut self, topic: String, payload: Bytes, permits: usize) {
         let cost = cost(&topic, &payload);
         self.bytes += cost;
-        self.queued.push_back(Entry { seq: self.next_seq, topic, payload, cost, permits });
+        self.queued.push_back(Entry {
+            seq: self.next_seq,
+            topic,
+            payload,
+            cost,
+            written_at: None,
+            strikes: 0,
+            permits,
+        });
         self.next_seq += 1;
     }
 
@@ -130,8 +157,9 @@ impl Outbound {
 
     /// rumqttc wrote the oldest handed publish with packet id `pkid` (its
     /// `Outgoing::Publish` events come in request-channel order). False if nothing was handed.
-    pub fn written(&mut self, pkid: u16) -> bool {
-        let Some(e) = self.handed.pop_front() else { return false };
+    pub fn written(&mut self, pkid: u16, now: Instant) -> bool {
+        let Some(mut e) = self.handed.pop_front() else { return false };
+        e.written_at = Some(now);
         if let Some(old) = self.inflight.insert(pkid, e) {
             // rumqttc reported a packet id we still count as in flight: our view is stale. The
             // older publish is sent again rather than forgotten (a copy, never a loss).
@@ -149,17 +177,37 @@ impl Outbound {
         Some(e.permits)
     }
 
-    /// The link dropped: everything handed or in flight goes back to the front of the queue,
-    /// in the order it was accepted. Returns how many went back.
-    pub fn link_lost(&mut self) -> usize {
+    /// When the oldest publish still waiting for its PUBACK was written (a broker that stops
+    /// answering shows here first).
+    pub fn oldest_written(&self) -> Option<Instant> {
+        self.inflight.values().filter_map(|e| e.written_at).min()
+    }
+
+    /// The link dropped at `now`: everything handed or in flight goes back to the front of the
+    /// queue, in the order it was accepted. The oldest publish in flight gets a strike if the
+    /// link dropped within [`POISON_WINDOW`] of writing it; at [`POISON_STRIKES`] it is taken
+    /// out and returned (topic, payload bytes, permits) — the caller reports the loss.
+    pub fn link_lost(&mut self, now: Instant) -> LinkLoss {
         let mut back: Vec<Entry> = self.inflight.drain().map(|(_, e)| e).chain(self.handed.drain(..)).collect();
         back.sort_by_key(|e| e.seq);
         self.window_bytes = 0;
-        let n = back.len();
-        for e in back.into_iter().rev() {
+        let mut poisoned = None;
+        if let Some(first) = back.iter_mut().find(|e| e.written_at.is_some()) {
+            if first.written_at.is_some_and(|t| now.saturating_duration_since(t) <= POISON_WINDOW) {
+                first.strikes += 1;
+            }
+        }
+        if let Some(i) = back.iter().position(|e| e.strikes >= POISON_STRIKES) {
+            let e = back.remove(i);
+            self.bytes -= e.cost;
+            poisoned = Some((e.topic, e.payload.len(), e.permits));
+        }
+        let requeued = back.len();
+        for mut e in back.into_iter().rev() {
+            e.written_at = None;
             self.queued.push_front(e);
         }
-        n
+        LinkLoss { requeued, poisoned }
     }
 
     /// Drops everything (the process stops without the broker): returns how many publishes
@@ -186,8 +234,32 @@ impl Outbound {
 // Subscription ledger
 // ---------------------------------------------------------------------------------------------
 
-/// Topics per SUBSCRIBE or UNSUBSCRIBE when (re)sending many (far below packet limits).
+/// Topics per SUBSCRIBE or UNSUBSCRIBE when (re)sending many ...
 pub const CHUNK: usize = 64;
+/// ... and at most this many bytes of topics, far below the MQTT client's packet limit.
+pub const CHUNK_BYTES: usize = 16 * 1024;
+/// A topic the broker refused (SUBACK failure) is asked for again after this long.
+pub const REFUSED_RETRY: Duration = Duration::from_secs(5);
+
+/// Splits topics into batches of at most [`CHUNK`] topics and [`CHUNK_BYTES`] bytes.
+pub fn chunks<T: AsRef<str> + Clone>(topics: &[T]) -> Vec<Vec<T>> {
+    let mut out: Vec<Vec<T>> = Vec::new();
+    let mut bytes = 0;
+    for t in topics {
+        let len = t.as_ref().len() + 3;
+        match out.last_mut() {
+            Some(b) if b.len() < CHUNK && bytes + len <= CHUNK_BYTES => {
+                bytes += len;
+                b.push(t.clone());
+            }
+            _ => {
+                bytes = len;
+                out.push(vec![t.clone()]);
+            }
+        }
+    }
+    out
+}
 /// A topic unsubscribed because a message came for a user not held here is not unsubscribed
 /// again for this long (its UNSUBACK is on the way).
 pub const HEAL_HOLD: Duration = Duration::from_secs(5);
@@ -206,6 +278,16 @@ struct TopicState {
 /// A batch of topics sent in one SUBSCRIBE, each with the generation it was wanted in.
 pub type Batch = Vec<(String, u64)>;
 
+/// A topic with its generation, measured by the topic's length when batching.
+#[derive(Clone)]
+struct Topic(String, u64);
+
+impl AsRef<str> for Topic {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
 /// What the bus wants subscribed, and what the broker has confirmed.
 ///
 /// rumqttc gives no per-request future, so SUBACKs are matched like this: SUBSCRIBE requests
@@ -220,8 +302,10 @@ pub struct Subs {
     /// new user's first SUBSCRIBE does not count (a healthy instance stays ready under churn).
     resubscribing: usize,
     next_generation: u64,
-    requested: VecDeque<Batch>,
-    inflight: HashMap<u16, VecDeque<Batch>>,
+    requested: VecDeque<(Batch, Instant)>,
+    inflight: HashMap<u16, VecDeque<(Batch, Instant)>>,
+    /// Topics the broker refused, with when to ask again.
+    refused: Vec<(String, u64, Instant)>,
     /// New topics whose SUBSCRIBE could not be queued (request channel full): retried soon.
     unsent: VecDeque<(String, u64)>,
     /// Topics to unsubscribe whose UNSUBSCRIBE could not be queued or was lost with the link.
@@ -287,9 +371,29 @@ impl Subs {
         self.resubscribing == 0
     }
 
-    /// A SUBSCRIBE for `batch` went into the request channel.
-    pub fn sent(&mut self, batch: Batch) {
-        self.requested.push_back(batch);
+    /// A SUBSCRIBE for `batch` went into the request channel at `now`.
+    pub fn sent(&mut self, batch: Batch, now: Instant) {
+        self.requested.push_back((batch, now));
+    }
+
+    /// When the oldest SUBSCRIBE still waiting for its SUBACK was sent.
+    pub fn oldest_unanswered(&self) -> Option<Instant> {
+        let requested = self.requested.iter().map(|(_, t)| *t);
+        requested.chain(self.inflight.values().flat_map(|q| q.iter().map(|(_, t)| *t))).min()
+    }
+
+    /// Refused topics (still wanted, unconfirmed) whose retry is due at `now`.
+    pub fn due_refused(&mut self, now: Instant) -> Vec<(String, u64)> {
+        let wanted = &self.wanted;
+        let mut due = Vec::new();
+        self.refused.retain(|(t, g, at)| {
+            let live = wanted.get(t).is_some_and(|s| s.generation == *g && !s.confirmed);
+            if live && *at <= now {
+                due.push((t.clone(), *g));
+            }
+            live && *at > now
+        });
+        due
     }
 
     /// The SUBSCRIBE for a new topic could not be queued: it is retried by [`Subs::next_unsent`].
@@ -319,8 +423,10 @@ impl Subs {
         }
     }
 
-    /// The SUBACK for `pkid`: each filter is confirmed or refused in order.
-    pub fn suback(&mut self, pkid: u16, codes: &[SubscribeReasonCode]) {
+    /// The SUBACK for `pkid`: each filter is confirmed or refused in order. A refused topic
+    /// no longer holds readiness back (the rest of the instance is fine) and is asked for
+    /// again after [`REFUSED_RETRY`].
+    pub fn suback(&mut self, pkid: u16, codes: &[SubscribeReasonCode], now: Instant) {
         let batch = match self.inflight.get_mut(&pkid) {
             Some(q) => {
                 let b = q.pop_front();
@@ -331,28 +437,30 @@ impl Subs {
             }
             None => None,
         };
-        let Some(batch) = batch else { return };
+        let Some((batch, _)) = batch else { return };
         for (i, (topic, generation)) in batch.into_iter().enumerate() {
             let ok = matches!(codes.get(i), Some(SubscribeReasonCode::Success(_)));
-            self.confirm(&topic, generation, ok);
+            if self.confirm(&topic, generation, ok) && !ok {
+                self.refused.push((topic, generation, now + REFUSED_RETRY));
+            }
         }
     }
 
-    fn confirm(&mut self, topic: &str, generation: u64, ok: bool) {
-        let Some(t) = self.wanted.get_mut(topic) else { return };
+    /// True when this answered the topic's current generation.
+    fn confirm(&mut self, topic: &str, generation: u64, ok: bool) -> bool {
+        let Some(t) = self.wanted.get_mut(topic) else { return false };
         if t.generation != generation || t.confirmed {
-            return;
+            return false;
         }
-        if ok {
-            t.confirmed = true;
-            if t.resub {
-                t.resub = false;
-                self.resubscribing -= 1;
-            }
+        t.confirmed = ok;
+        if t.resub {
+            t.resub = false;
+            self.resubscribing -= 1;
         }
         for w in t.waiters.drain(..) {
             let _ = w.send(ok);
         }
+        true
     }
 
     /// An UNSUBSCRIBE for `topic` could not be queued or was lost with the link.
@@ -373,10 +481,6 @@ impl Subs {
 
     pub fn has_lost_unsubs(&self) -> bool {
         !self.lost_unsubs.is_empty()
-    }
-
-    pub fn has_unsent(&self) -> bool {
-        !self.unsent.is_empty()
     }
 
     /// A message came for `topic`, which no local user holds. True when it should be
@@ -417,6 +521,7 @@ impl Subs {
         self.requested.clear();
         self.inflight.clear();
         self.unsent.clear();
+        self.refused.clear();
         self.healing.clear();
         for t in self.wanted.values_mut() {
             t.confirmed = false;
@@ -426,16 +531,17 @@ impl Subs {
     /// The link is (back) up: every wanted topic is subscribed again, in batches of [`CHUNK`]
     /// (recorded as requested: send them before anything else), and — if the broker kept our
     /// session — the unsubscribes lost meanwhile are returned to be sent too.
-    pub fn link_up(&mut self, session_present: bool) -> (Vec<Batch>, Vec<String>) {
-        self.link_lost();
+    pub fn link_up(&mut self, session_present: bool, now: Instant) -> (Vec<Batch>, Vec<String>) {
+        Subs::link_lost(self);
         for t in self.wanted.values_mut() {
             t.resub = true;
         }
         self.resubscribing = self.wanted.len();
-        let all: Vec<(String, u64)> = self.wanted.iter().map(|(t, s)| (t.clone(), s.generation)).collect();
-        let batches: Vec<Batch> = all.chunks(CHUNK).map(|c| c.to_vec()).collect();
+        let all: Vec<Topic> = self.wanted.iter().map(|(t, s)| Topic(t.clone(), s.generation)).collect();
+        let batches: Vec<Batch> =
+            chunks(&all).into_iter().map(|b| b.into_iter().map(|Topic(t, g)| (t, g)).collect()).collect();
         for b in &batches {
-            self.requested.push_back(b.clone());
+            self.requested.push_back((b.clone(), now));
         }
         let lost: Vec<String> = std::mem::take(&mut self.lost_unsubs).into_iter().collect();
         let unsubs = if session_present {
@@ -453,6 +559,10 @@ pub const QOS: QoS = QoS::AtLeastOnce;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn t0() -> Instant {
+        Instant::now()
+    }
 
     fn out_with(n: usize, window: usize) -> Outbound {
         let mut o = Outbound::new(window, usize::MAX);
@@ -477,7 +587,7 @@ mod tests {
         assert_eq!(hand_all(&mut o).len(), 100);
         assert_eq!(o.hand(), None, "the window is full");
         for pkid in 1..=100 {
-            assert!(o.written(pkid));
+            assert!(o.written(pkid, t0()));
         }
         assert_eq!(o.hand(), None, "written but unacknowledged publishes still fill the window");
         assert_eq!(o.acked(1), Some(1));
@@ -496,7 +606,7 @@ mod tests {
         while !o.is_empty() {
             for p in hand_all(&mut o) {
                 pkid = pkid % 4096 + 1;
-                assert!(o.written(pkid));
+                assert!(o.written(pkid, t0()));
                 sent.push(p);
                 in_flight.push_back(pkid);
             }
@@ -517,20 +627,20 @@ mod tests {
         let mut o = out_with(10, 4);
         assert_eq!(hand_all(&mut o), ["m0", "m1", "m2", "m3"]);
         // m0, m1 written (pkids 7, 3 — out of numeric order), m2 and m3 still in the channel.
-        o.written(7);
-        o.written(3);
+        o.written(7, t0());
+        o.written(3, t0());
         assert_eq!(o.acked(7), Some(1));
-        assert_eq!(o.link_lost(), 3);
+        assert_eq!(o.link_lost(t0()).requeued, 3);
         assert_eq!(o.len(), 9);
         // After the reconnect: m1 first again, then m2...; the link drops a second time
         // while m1 and m2 are out.
         assert_eq!(hand_all(&mut o), ["m1", "m2", "m3", "m4"]);
-        o.written(1);
-        o.written(2);
-        assert_eq!(o.link_lost(), 4);
+        o.written(1, t0());
+        o.written(2, t0());
+        assert_eq!(o.link_lost(t0()).requeued, 4);
         assert_eq!(hand_all(&mut o), ["m1", "m2", "m3", "m4"]);
         for pkid in 1..=4 {
-            o.written(pkid);
+            o.written(pkid, t0());
             o.acked(pkid);
         }
         assert_eq!(hand_all(&mut o), ["m5", "m6", "m7", "m8"]);
@@ -543,14 +653,47 @@ mod tests {
         o.push("t".into(), Bytes::from_static(b"123456"), 1);
         o.push("t".into(), Bytes::from_static(&[b'x'; 50]), 1);
         assert_eq!(hand_all(&mut o), ["123456"], "a second 6-byte payload would pass 10 bytes");
-        o.written(1);
+        o.written(1, t0());
         o.acked(1);
         assert_eq!(hand_all(&mut o), ["123456"]);
-        o.written(2);
+        o.written(2, t0());
         o.acked(2);
         assert_eq!(hand_all(&mut o).len(), 1, "one publish larger than the cap still goes alone");
         o.unhand();
         assert_eq!(hand_all(&mut o).len(), 1, "unhand gives its bytes back");
+    }
+
+    #[test]
+    fn a_publish_the_link_keeps_dropping_on_is_set_aside_after_five_strikes() {
+        let mut o = out_with(3, 10);
+        let t = Instant::now();
+        for strike in 1..=POISON_STRIKES {
+            assert_eq!(hand_all(&mut o), ["m0", "m1", "m2"]);
+            o.written(1, t);
+            o.written(2, t);
+            let loss = o.link_lost(t + Duration::from_millis(50));
+            if strike < POISON_STRIKES {
+                assert_eq!(loss, LinkLoss { requeued: 3, poisoned: None }, "strike {strike}");
+            } else {
+                assert_eq!(loss.requeued, 2);
+                let (topic, bytes, permits) = loss.poisoned.expect("set aside");
+                assert_eq!((topic.as_str(), bytes, permits), ("msg/u0", 2, 1));
+            }
+        }
+        assert_eq!(hand_all(&mut o), ["m1", "m2"], "what was behind it goes on, in order");
+    }
+
+    #[test]
+    fn a_link_that_lived_on_after_the_write_gives_no_strike() {
+        let mut o = out_with(1, 10);
+        let t = Instant::now();
+        for _ in 0..2 * POISON_STRIKES {
+            hand_all(&mut o);
+            o.written(1, t);
+            // The broker stayed with us for longer than the poison window: an ordinary outage.
+            assert_eq!(o.link_lost(t + POISON_WINDOW * 2).poisoned, None);
+        }
+        assert_eq!(o.len(), 1);
     }
 
     #[test]
@@ -566,8 +709,8 @@ mod tests {
     fn a_reused_packet_id_sends_the_older_publish_again_instead_of_losing_it() {
         let mut o = out_with(3, 10);
         hand_all(&mut o);
-        o.written(5);
-        o.written(5);
+        o.written(5, t0());
+        o.written(5, t0());
         assert_eq!(o.acked(5), Some(1));
         // m0 was displaced: it waits again, in order.
         assert_eq!(hand_all(&mut o), ["m0"]);
@@ -580,7 +723,7 @@ mod tests {
         o.push("msg/b".into(), Bytes::from_static(b"hi"), 5);
         assert_eq!(o.bytes(), cost("msg/a", b"hello") + cost("msg/b", b"hi"));
         hand_all(&mut o);
-        o.written(1);
+        o.written(1, t0());
         assert_eq!(o.acked(1), Some(70));
         assert_eq!(o.acked(1), None, "a second PUBACK for the same id gives nothing back");
         assert_eq!(o.bytes(), cost("msg/b", b"hi"));
@@ -598,29 +741,29 @@ mod tests {
         let (_b, g) = s.want("broadcast");
         assert!(g.is_some());
         assert!(s.ready(), "before the first ConnAck nothing is being resubscribed");
-        let (batches, _) = s.link_up(false);
+        let (batches, _) = s.link_up(false, t0());
         assert_eq!(batches.len(), 1);
         assert!(!s.ready(), "the first subscription after a ConnAck counts");
         s.written(1);
-        s.suback(1, &[ok()]);
+        s.suback(1, &[ok()], t0());
         assert!(s.ready());
         // A new user while up: its SUBSCRIBE is in flight, the instance stays ready.
         let (mut alice, g) = s.want("msg/alice");
-        s.sent(vec![("msg/alice".into(), g.unwrap())]);
+        s.sent(vec![("msg/alice".into(), g.unwrap())], t0());
         assert!(s.ready());
         s.written(2);
         assert_eq!(alice.try_recv(), Err(oneshot::error::TryRecvError::Empty));
-        s.suback(2, &[ok()]);
+        s.suback(2, &[ok()], t0());
         assert_eq!(alice.try_recv(), Ok(true));
         // After a reconnect every wanted topic counts again until its SUBACK.
         s.link_lost();
-        let (batches, _) = s.link_up(true);
+        let (batches, _) = s.link_up(true, t0());
         assert_eq!(batches.iter().map(Vec::len).sum::<usize>(), 2);
         assert!(!s.ready());
         // A user who leaves while being resubscribed does not hold readiness back.
         assert!(s.unwant("msg/alice"));
         s.written(3);
-        s.suback(3, &[ok(), ok()]);
+        s.suback(3, &[ok(), ok()], t0());
         assert!(s.ready());
     }
 
@@ -631,27 +774,67 @@ mod tests {
         let (b, gb) = s.want("msg/b");
         let (b2, none) = s.want("msg/b");
         assert_eq!(none, None, "a second device sends no SUBSCRIBE");
-        s.sent(vec![("msg/a".into(), ga.unwrap())]);
-        s.sent(vec![("msg/b".into(), gb.unwrap())]);
+        s.sent(vec![("msg/a".into(), ga.unwrap())], t0());
+        s.sent(vec![("msg/b".into(), gb.unwrap())], t0());
         s.written(4);
         s.written(5);
-        s.suback(5, &[SubscribeReasonCode::Failure]);
-        s.suback(4, &[ok()]);
+        s.suback(5, &[SubscribeReasonCode::Failure], t0());
+        s.suback(4, &[ok()], t0());
         assert_eq!(a.blocking_recv(), Ok(true));
         assert_eq!(b.blocking_recv(), Ok(false));
         assert_eq!(b2.blocking_recv(), Ok(false));
     }
 
     #[test]
+    fn a_refused_resubscription_stops_holding_readiness_and_is_asked_for_again() {
+        let mut s = Subs::default();
+        let t = Instant::now();
+        let (_a, _) = s.want("msg/a");
+        let (_b, _) = s.want("msg/b");
+        let (batches, _) = s.link_up(false, t);
+        assert!(!s.ready());
+        assert_eq!(s.oldest_unanswered(), Some(t));
+        s.written(1);
+        let codes: Vec<SubscribeReasonCode> = batches[0]
+            .iter()
+            .map(|(topic, _)| if topic == "msg/b" { SubscribeReasonCode::Failure } else { ok() })
+            .collect();
+        s.suback(1, &codes, t);
+        assert!(s.ready(), "a refused topic does not keep the whole instance unready");
+        assert_eq!(s.oldest_unanswered(), None);
+        assert!(s.due_refused(t + Duration::from_secs(1)).is_empty(), "not before the retry delay");
+        let due = s.due_refused(t + REFUSED_RETRY);
+        assert_eq!(due.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(), ["msg/b"]);
+        assert!(s.due_refused(t + REFUSED_RETRY * 2).is_empty(), "handed out once");
+        // A refused topic whose user left is not asked for again.
+        s.sent(due, t);
+        s.written(2);
+        s.suback(2, &[SubscribeReasonCode::Failure], t);
+        s.unwant("msg/b");
+        assert!(s.due_refused(t + REFUSED_RETRY * 3).is_empty());
+    }
+
+    #[test]
+    fn resubscribe_batches_are_bounded_in_topics_and_bytes() {
+        let long: Vec<String> = (0..100).map(|i| format!("msg/{i:0>250}")).collect();
+        let b = chunks(&long);
+        assert!(b.iter().all(|c| c.iter().map(|t| t.len() + 3).sum::<usize>() <= CHUNK_BYTES));
+        assert_eq!(b.iter().map(Vec::len).sum::<usize>(), 100);
+        assert!(b.len() >= 2);
+        let short: Vec<String> = (0..130).map(|i| format!("msg/u{i}")).collect();
+        assert_eq!(chunks(&short).iter().map(Vec::len).collect::<Vec<_>>(), [64, 64, 2]);
+    }
+
+    #[test]
     fn a_suback_for_an_old_generation_does_not_confirm_a_user_who_came_back() {
         let mut s = Subs::default();
         let (_a, g1) = s.want("msg/a");
-        s.sent(vec![("msg/a".into(), g1.unwrap())]);
+        s.sent(vec![("msg/a".into(), g1.unwrap())], t0());
         s.written(1);
         assert!(s.unwant("msg/a"));
         let (mut a2, g2) = s.want("msg/a");
         assert!(g2.is_some());
-        s.suback(1, &[ok()]);
+        s.suback(1, &[ok()], t0());
         assert_eq!(a2.try_recv(), Err(oneshot::error::TryRecvError::Empty));
     }
 
@@ -683,9 +866,9 @@ mod tests {
         assert!(!s.has_lost_unsubs());
         // With a reconnect: re-sent only if the broker kept the session.
         s.lost_unsub("msg/x".into());
-        assert_eq!(s.link_up(false).1, Vec::<String>::new());
+        assert_eq!(s.link_up(false, t0()).1, Vec::<String>::new());
         s.lost_unsub("msg/x".into());
-        assert_eq!(s.link_up(true).1, ["msg/x"]);
+        assert_eq!(s.link_up(true, t0()).1, ["msg/x"]);
     }
 
     #[test]

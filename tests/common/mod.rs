@@ -78,6 +78,12 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub fn start() -> Mosquitto {
+        Mosquitto::start_with("")
+    }
+
+    /// Like [`Mosquitto::start`], with extra lines appended to the config (e.g.
+    /// `max_packet_size 20000`).
+    pub fn start_with(extra: &str) -> Mosquitto {
         let dir = tempfile::tempdir().expect("tempdir");
         // A free port can be taken by someone else between the probe and mosquitto's bind;
         // retry a few times with a new port.
@@ -96,7 +102,8 @@ impl Mosquitto {
                      connection_messages true\n\
                      log_timestamp true\n\
                      sys_interval 1\n\
-                     persistence false\n",
+                     persistence false\n\
+                     {extra}\n",
                     log.display()
                 ),
             )
