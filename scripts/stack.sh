@@ -15,6 +15,9 @@
 #   STACK_INSTANCE_PORTS  space-separated ports, one per instance           (default: 3001, 3002, …)
 #   STACK_JWT_SECRET      HS256 secret for every instance (default: random, kept in STACK_DIR)
 #   FANOUT_BIN            use this fanout binary instead of `cargo build --release`
+#   STACK_BROKER          mosquitto (default) or rabbitmq: a 3-node RabbitMQ cluster
+#                         (scripts/rabbitmq.sh; instance i attaches to node i mod 3 and is
+#                         given every node for failover)
 # Mosquitto and nginx are installed with apt when missing.
 set -euo pipefail
 
@@ -152,17 +155,36 @@ cmd_up() {
   render_nginx "${ports[@]}"
   mkdir -p "$DIR/nginx-tmp"
 
-  say "starting mosquitto on 127.0.0.1:$MQTT_PORT"
-  nohup "$(find_bin mosquitto)" -c "$DIR/mosquitto.conf" </dev/null >/dev/null 2>>"$DIR/mosquitto.log" &
-  echo $! >"$DIR/mosquitto.pid"
-  wait_until 10 "mosquitto listening on $MQTT_PORT" port_open "$MQTT_PORT"
+  local nodes=()
+  if [ "${STACK_BROKER:-mosquitto}" = rabbitmq ]; then
+    say "starting a 3-node RabbitMQ cluster (scripts/rabbitmq.sh)"
+    local line
+    while read -r line; do
+      nodes+=("mqtt://127.0.0.1:$(echo "$line" | awk '{print $5}')")
+    done < <(RMQ_DIR="$DIR/rabbitmq" RMQ_NAME=stack "$ROOT/scripts/rabbitmq.sh" up 3)
+    [ "${#nodes[@]}" -eq 3 ] || die "the RabbitMQ cluster did not start (see $DIR/rabbitmq)"
+    MQTT_PORT="${nodes[0]##*:}"
+    printf 'PORT=%s\nMQTT_PORT=%s\n' "$PORT" "$MQTT_PORT" >"$DIR/ports"
+    echo rabbitmq >"$DIR/broker"
+  else
+    say "starting mosquitto on 127.0.0.1:$MQTT_PORT"
+    nohup "$(find_bin mosquitto)" -c "$DIR/mosquitto.conf" </dev/null >/dev/null 2>>"$DIR/mosquitto.log" &
+    echo $! >"$DIR/mosquitto.pid"
+    wait_until 10 "mosquitto listening on $MQTT_PORT" port_open "$MQTT_PORT"
+    nodes=("mqtt://127.0.0.1:$MQTT_PORT")
+    echo mosquitto >"$DIR/broker"
+  fi
 
   say "starting $n fanout instances on ports ${ports[*]}"
   : >"$DIR/instances"
   for ((i = 0; i < n; i++)); do
-    local id="n$((i + 1))" p="${ports[$i]}"
+    local id="n$((i + 1))" p="${ports[$i]}" urls="" k
+    # Every node, starting with this instance's own (i mod the node count).
+    for ((k = 0; k < ${#nodes[@]}; k++)); do
+      urls+="${urls:+,}${nodes[$(((i + k) % ${#nodes[@]}))]}"
+    done
     FANOUT_JWT_SECRET="$secret" RUST_LOG="${RUST_LOG:-info}" nohup "$bin" serve \
-      --listen "127.0.0.1:$p" --mqtt-url "mqtt://127.0.0.1:$MQTT_PORT" --instance-id "$id" \
+      --listen "127.0.0.1:$p" --mqtt-url "$urls" --instance-id "$id" \
       </dev/null >>"$DIR/fanout-$id.log" 2>&1 &
     echo $! >"$DIR/fanout-$id.pid"
     echo "$id $p" >>"$DIR/instances"
@@ -253,6 +275,9 @@ cmd_down() {
   done
   wait
   stop_pid_file "$DIR/mosquitto.pid" 5
+  if [ "$(cat "$DIR/broker" 2>/dev/null)" = rabbitmq ]; then
+    RMQ_DIR="$DIR/rabbitmq" RMQ_NAME=stack "$ROOT/scripts/rabbitmq.sh" down
+  fi
   rm -f "$DIR/nginx.pid"
   say "stopped (logs kept in $DIR)"
 }

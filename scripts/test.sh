@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-# What the tests run, as Debian packages: brokers (mosquitto, mosquitto_pub/_sub), the stack's
+# What the tests run, as Debian packages: brokers (mosquitto, mosquitto_pub/_sub, and a
+# RabbitMQ cluster for the cluster tests), the stack's
 # load balancer (nginx), a real browser (chromium, driven over the DevTools protocol) and
 # docker-compose (validates compose.yaml; no engine needed). One update, one install, and
 # only for what is missing.
@@ -19,6 +20,8 @@ have mosquitto || MISSING+=(mosquitto)
 have nginx || MISSING+=(nginx)
 have chromium || MISSING+=(chromium)
 have docker-compose || MISSING+=(docker-compose)
+# RabbitMQ (its cluster tests): the package's server lives in /usr/lib/rabbitmq/bin.
+[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || MISSING+=(rabbitmq-server)
 if [ ${#MISSING[@]} -gt 0 ]; then
   echo "test.sh: installing ${MISSING[*]}"
   $SUDO apt-get update

@@ -525,7 +525,9 @@ impl Bus {
     /// The link dropped: handle what rumqttc had buffered, then take every request back.
     /// Publishes wait in `out` for the next link; subscriptions are all sent again at the next
     /// ConnAck; unsubscribes are remembered.
-    fn link_lost(&self, el: &mut EventLoop) {
+    /// Returns whether the resubscription after the last ConnAck had completed: a link that
+    /// drops before that is refused over the session, not over a publish.
+    fn link_lost(&self, el: &mut EventLoop) -> bool {
         {
             let mut st = self.state.lock();
             st.up = false;
@@ -550,10 +552,12 @@ impl Bus {
                 }
             }
         }
+        let resubscribed = st.subs.ready();
         st.subs.link_lost();
         // A DISCONNECT not yet written was taken back too: sent again once all is acknowledged.
         st.disconnect_sent = false;
-        let loss = st.out.link_lost(std::time::Instant::now());
+        // Only a link that took our subscriptions can blame a publish for dropping.
+        let loss = st.out.link_lost(std::time::Instant::now(), resubscribed);
         if loss.requeued > 0 {
             debug!(publishes = loss.requeued, "unacknowledged publishes kept for the next link");
         }
@@ -567,6 +571,7 @@ impl Bus {
                 "the broker dropped the link right after this accepted publish every time it was sent; it is set aside (lost) so the messages behind it go on. Check the broker's max_packet_size and ACL"
             );
         }
+        resubscribed
     }
 
     /// The link is (back) up: resubscribe everything wanted, re-send lost unsubscribes if the
@@ -708,19 +713,25 @@ impl Bus {
                             failures = 0;
                             quick_drops = 0;
                         }
-                        Some(_) => {
-                            quick_drops += 1;
-                            if quick_drops == 3 {
-                                warn!(
-                                    client_id = %self.client_id,
-                                    "the broker keeps closing the link right after it accepts us: is another instance running with the same --instance-id (the broker lets one client id connect at a time), or does the broker refuse something we send (see its log)?"
-                                );
-                            }
-                        }
+                        Some(_) => quick_drops += 1,
                         None => {}
                     }
                     let was_up = matches!(phase, Phase::Up);
-                    self.link_lost(&mut el);
+                    let resubscribed = self.link_lost(&mut el);
+                    if !resubscribed && quick_drops >= 3 && matches!(phase, Phase::Up | Phase::Down { .. }) {
+                        // The broker accepts us and then drops us before our subscriptions are
+                        // through: the persistent session is broken (RabbitMQ with classic
+                        // queues after the node holding it died), or another instance uses our
+                        // client id. Start over with a clean session, as at start-up; what the
+                        // broken session held is lost either way.
+                        warn!(
+                            client_id = %self.client_id,
+                            "the broker keeps closing the link right after it accepts us: starting a fresh broker session. Is another instance running with the same --instance-id, or did the node holding our session die (RabbitMQ: use mqtt.durable_queue_type = quorum)?"
+                        );
+                        quick_drops = 0;
+                        el.mqtt_options.set_clean_session(true);
+                        phase = Phase::Wiping;
+                    }
                     phase = match phase {
                         Phase::Up => Phase::Down { since: Some(std::time::Instant::now()) },
                         p => p,

@@ -184,15 +184,16 @@ impl Outbound {
     }
 
     /// The link dropped at `now`: everything handed or in flight goes back to the front of the
-    /// queue, in the order it was accepted. The oldest publish in flight gets a strike if the
-    /// link dropped within [`POISON_WINDOW`] of writing it; at [`POISON_STRIKES`] it is taken
+    /// queue, in the order it was accepted. With `strike` (the link had taken our
+    /// subscriptions, so the broker was not refusing the session), the oldest publish in flight
+    /// gets a strike if the link dropped within [`POISON_WINDOW`] of writing it; at [`POISON_STRIKES`] it is taken
     /// out and returned (topic, payload bytes, permits) — the caller reports the loss.
-    pub fn link_lost(&mut self, now: Instant) -> LinkLoss {
+    pub fn link_lost(&mut self, now: Instant, strike: bool) -> LinkLoss {
         let mut back: Vec<Entry> = self.inflight.drain().map(|(_, e)| e).chain(self.handed.drain(..)).collect();
         back.sort_by_key(|e| e.seq);
         self.window_bytes = 0;
         let mut poisoned = None;
-        if let Some(first) = back.iter_mut().find(|e| e.written_at.is_some()) {
+        if let Some(first) = back.iter_mut().find(|e| strike && e.written_at.is_some()) {
             if first.written_at.is_some_and(|t| now.saturating_duration_since(t) <= POISON_WINDOW) {
                 first.strikes += 1;
             }
@@ -630,14 +631,14 @@ mod tests {
         o.written(7, t0());
         o.written(3, t0());
         assert_eq!(o.acked(7), Some(1));
-        assert_eq!(o.link_lost(t0()).requeued, 3);
+        assert_eq!(o.link_lost(t0(), true).requeued, 3);
         assert_eq!(o.len(), 9);
         // After the reconnect: m1 first again, then m2...; the link drops a second time
         // while m1 and m2 are out.
         assert_eq!(hand_all(&mut o), ["m1", "m2", "m3", "m4"]);
         o.written(1, t0());
         o.written(2, t0());
-        assert_eq!(o.link_lost(t0()).requeued, 4);
+        assert_eq!(o.link_lost(t0(), true).requeued, 4);
         assert_eq!(hand_all(&mut o), ["m1", "m2", "m3", "m4"]);
         for pkid in 1..=4 {
             o.written(pkid, t0());
@@ -671,7 +672,7 @@ mod tests {
             assert_eq!(hand_all(&mut o), ["m0", "m1", "m2"]);
             o.written(1, t);
             o.written(2, t);
-            let loss = o.link_lost(t + Duration::from_millis(50));
+            let loss = o.link_lost(t + Duration::from_millis(50), true);
             if strike < POISON_STRIKES {
                 assert_eq!(loss, LinkLoss { requeued: 3, poisoned: None }, "strike {strike}");
             } else {
@@ -684,6 +685,20 @@ mod tests {
     }
 
     #[test]
+    fn a_link_dropped_before_the_subscriptions_were_through_gives_no_strike() {
+        let mut o = out_with(1, 10);
+        let t = Instant::now();
+        for _ in 0..2 * POISON_STRIKES {
+            hand_all(&mut o);
+            o.written(1, t);
+            // The broker refused the session, not the publish (RabbitMQ, classic queue on a
+            // dead node): nothing is set aside.
+            assert_eq!(o.link_lost(t, false).poisoned, None);
+        }
+        assert_eq!(o.len(), 1);
+    }
+
+    #[test]
     fn a_link_that_lived_on_after_the_write_gives_no_strike() {
         let mut o = out_with(1, 10);
         let t = Instant::now();
@@ -691,7 +706,7 @@ mod tests {
             hand_all(&mut o);
             o.written(1, t);
             // The broker stayed with us for longer than the poison window: an ordinary outage.
-            assert_eq!(o.link_lost(t + POISON_WINDOW * 2).poisoned, None);
+            assert_eq!(o.link_lost(t + POISON_WINDOW * 2, true).poisoned, None);
         }
         assert_eq!(o.len(), 1);
     }

@@ -873,5 +873,7 @@ pub mod browser;
 /// Clients read in the background, for tests where sending and receiving overlap.
 pub mod peer;
 pub mod proxy;
+/// A RabbitMQ cluster on loopback, for the cluster tests.
+pub mod rabbitmq;
 /// The native stack (scripts/stack.sh) on free ports, for end-to-end tests.
 pub mod stack;

@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# A RabbitMQ cluster on loopback with the MQTT plugin: for the cluster tests, the native stack
+# (scripts/stack.sh with STACK_BROKER=rabbitmq) and the broker benchmarks. No Docker, no
+# system service: each node is an Erlang VM started from Debian's rabbitmq-server package with
+# its own name, ports and state directory, so several clusters can run side by side.
+#
+#   scripts/rabbitmq.sh up [N]    start N nodes (default 3), wait until they form one cluster,
+#                                 print one line per node: "node <i> <name> mqtt <port>"
+#   scripts/rabbitmq.sh kill <i>  SIGKILL node i (a crash)
+#   scripts/rabbitmq.sh start <i> start node i again (it rejoins the cluster)
+#   scripts/rabbitmq.sh status    which nodes run, and the cluster's view
+#   scripts/rabbitmq.sh down      stop every node
+#
+# Settings (environment):
+#   RMQ_DIR         state: configs, data, logs, pids          (default: .rabbitmq)
+#   RMQ_NAME        node-name prefix: nodes are <prefix><i>@localhost (default: rmq)
+#   RMQ_QUEUE_TYPE  queue type of persistent MQTT sessions: quorum (replicated on every node,
+#                   survives the loss of a node) or classic (lives on one node)  (default: quorum)
+# rabbitmq-server is installed with apt when missing. The Erlang cookie is $HOME's, shared by
+# the nodes and rabbitmqctl run as the same user.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+DIR="${RMQ_DIR:-$ROOT/.rabbitmq}"
+NAME="${RMQ_NAME:-rmq}"
+QUEUE_TYPE="${RMQ_QUEUE_TYPE:-quorum}"
+BIN=/usr/lib/rabbitmq/bin
+
+say() { printf 'rabbitmq: %s\n' "$*" >&2; }
+die() { printf 'rabbitmq: %s\n' "$*" >&2; exit 1; }
+
+ensure_installed() {
+  [ -x "$BIN/rabbitmq-server" ] && return
+  local sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  say "installing rabbitmq-server"
+  $sudo apt-get update >&2
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y rabbitmq-server >&2
+}
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+node_name() { printf '%s%s@localhost' "$NAME" "$1"; }
+ctl() { "$BIN/rabbitmqctl" -n "$(node_name "$1")" "${@:2}"; }
+
+# Writes node i's config (ports chosen once, kept for restarts).
+configure() {
+  local i="$1" n="$2" d="$DIR/n$1"
+  mkdir -p "$d"
+  if [ ! -f "$d/ports" ]; then
+    echo "$(free_port) $(free_port) $(free_port)" > "$d/ports"
+  fi
+  read -r amqp dist mqtt < "$d/ports"
+  {
+    echo "listeners.tcp.default = 127.0.0.1:$amqp"
+    echo "mqtt.listeners.tcp.default = 127.0.0.1:$mqtt"
+    echo "mqtt.allow_anonymous = true"
+    echo "mqtt.durable_queue_type = $QUEUE_TYPE"
+    echo "loopback_users = none"
+    echo "cluster_formation.peer_discovery_backend = classic_config"
+    for j in $(seq 1 "$n"); do echo "cluster_formation.classic_config.nodes.$j = $(node_name "$j")"; done
+  } > "$d/rabbitmq.conf"
+  echo "[rabbitmq_mqtt]." > "$d/enabled_plugins"
+}
+
+start_node() {
+  local i="$1" d="$DIR/n$1"
+  read -r amqp dist mqtt < "$d/ports"
+  # Its own session and process group, so `kill` takes the whole node down like a crash.
+  setsid env RABBITMQ_NODENAME="$(node_name "$i")" RABBITMQ_NODE_PORT="$amqp" RABBITMQ_DIST_PORT="$dist" \
+    RABBITMQ_MNESIA_BASE="$d/mnesia" RABBITMQ_LOG_BASE="$d/log" RABBITMQ_FEATURE_FLAGS_FILE="$d/feature_flags" \
+    RABBITMQ_ENABLED_PLUGINS_FILE="$d/enabled_plugins" RABBITMQ_CONFIG_FILE="$d/rabbitmq" \
+    RABBITMQ_PID_FILE="$d/pid" RABBITMQ_PLUGINS_EXPAND_DIR="$d/plugins-expand" \
+    "$BIN/rabbitmq-server" > "$d/stdout" 2>&1 < /dev/null &
+  echo $! > "$d/pgid"
+}
+
+wait_mqtt() {
+  local i="$1" d="$DIR/n$1" deadline=$((SECONDS + 90))
+  read -r amqp dist mqtt < "$d/ports"
+  until port_open "$mqtt"; do
+    [ "$SECONDS" -lt "$deadline" ] || die "node $i did not open its MQTT port within 90 s; see $d/stdout and $d/log"
+    sleep 0.2
+  done
+}
+
+running_nodes() {
+  ctl 1 cluster_status --formatter json 2>/dev/null |
+    python3 -c 'import json,sys; print(len(json.load(sys.stdin).get("running_nodes", [])))' 2>/dev/null || echo 0
+}
+
+print_nodes() {
+  local n="$1"
+  for i in $(seq 1 "$n"); do
+    read -r amqp dist mqtt < "$DIR/n$i/ports"
+    echo "node $i $(node_name "$i") mqtt $mqtt"
+  done
+}
+
+cmd="${1:-}"
+case "$cmd" in
+  up)
+    n="${2:-3}"
+    ensure_installed
+    mkdir -p "$DIR"
+    echo "$n" > "$DIR/size"
+    t0=$SECONDS
+    for i in $(seq 1 "$n"); do configure "$i" "$n"; start_node "$i"; done
+    for i in $(seq 1 "$n"); do wait_mqtt "$i"; done
+    deadline=$((SECONDS + 90))
+    until [ "$(running_nodes)" = "$n" ]; do
+      [ "$SECONDS" -lt "$deadline" ] || die "the $n nodes did not form one cluster within 90 s; see $DIR/n*/log"
+      sleep 0.5
+    done
+    say "$n-node cluster up in $((SECONDS - t0)) s (MQTT sessions on $QUEUE_TYPE queues)"
+    print_nodes "$n"
+    ;;
+  kill)
+    i="${2:?node number}"
+    [ -f "$DIR/n$i/pgid" ] && kill -KILL -- "-$(cat "$DIR/n$i/pgid")" 2>/dev/null || true
+    ;;
+  start)
+    i="${2:?node number}"
+    start_node "$i"
+    wait_mqtt "$i"
+    ;;
+  status)
+    n="$(cat "$DIR/size" 2>/dev/null || echo 0)"
+    print_nodes "$n"
+    ctl 1 cluster_status 2>/dev/null | sed -n '/Running Nodes/,/Versions/p' || say "node 1 does not answer"
+    ;;
+  down)
+    n="$(cat "$DIR/size" 2>/dev/null || echo 0)"
+    for i in $(seq 1 "$n"); do
+      [ -f "$DIR/n$i/pgid" ] && kill -TERM -- "-$(cat "$DIR/n$i/pgid")" 2>/dev/null || true
+    done
+    for i in $(seq 1 "$n"); do
+      for _ in $(seq 1 50); do
+        [ -f "$DIR/n$i/pgid" ] && kill -0 -- "-$(cat "$DIR/n$i/pgid")" 2>/dev/null || break
+        sleep 0.1
+      done
+      [ -f "$DIR/n$i/pgid" ] && kill -KILL -- "-$(cat "$DIR/n$i/pgid")" 2>/dev/null || true
+    done
+    ;;
+  *)
+    sed -n '2,20p' "$0" >&2
+    exit 2
+    ;;
+esac
