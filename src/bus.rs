@@ -93,6 +93,10 @@ struct State {
     stopping: bool,
     stop_deadline: Option<Instant>,
     disconnect_sent: bool,
+    /// This link wrote a publish / got a PUBACK: a link that took our subscriptions and every
+    /// publish it was given a chance to acknowledge was a working link (see `Bus::run`).
+    written_on_link: bool,
+    acked_on_link: bool,
 }
 
 /// Where the link task is.
@@ -222,6 +226,8 @@ impl Bus {
                 stopping: false,
                 stop_deadline: None,
                 disconnect_sent: false,
+                written_on_link: false,
+                acked_on_link: false,
             }),
             room: Semaphore::new(cfg.publish_queue_bytes),
             queue_limit: cfg.publish_queue_bytes,
@@ -493,6 +499,7 @@ impl Bus {
                 if let Some(permits) = st.out.acked(a.pkid) {
                     self.room.add_permits(permits);
                     self.metrics.published(1);
+                    st.acked_on_link = true;
                 }
                 self.pump(&mut st);
             }
@@ -507,6 +514,7 @@ impl Bus {
             Event::Outgoing(Outgoing::Publish(pkid)) => {
                 let mut st = self.state.lock();
                 st.out.written(pkid, std::time::Instant::now());
+                st.written_on_link = true;
                 self.pump(&mut st);
             }
             Event::Outgoing(Outgoing::Subscribe(pkid)) => {
@@ -525,8 +533,9 @@ impl Bus {
     /// The link dropped: handle what rumqttc had buffered, then take every request back.
     /// Publishes wait in `out` for the next link; subscriptions are all sent again at the next
     /// ConnAck; unsubscribes are remembered.
-    /// Returns whether the resubscription after the last ConnAck had completed: a link that
-    /// drops before that is refused over the session, not over a publish.
+    /// Returns whether the link that was lost worked: it took our subscriptions and, if it was
+    /// given publishes, acknowledged at least one. A link lost before that (a broker refusing
+    /// our session or a publish) does not reset the reconnect backoff.
     fn link_lost(&self, el: &mut EventLoop) -> bool {
         {
             let mut st = self.state.lock();
@@ -553,6 +562,9 @@ impl Bus {
             }
         }
         let resubscribed = st.subs.ready();
+        let worked = resubscribed && (st.acked_on_link || !st.written_on_link);
+        st.written_on_link = false;
+        st.acked_on_link = false;
         st.subs.link_lost();
         // A DISCONNECT not yet written was taken back too: sent again once all is acknowledged.
         st.disconnect_sent = false;
@@ -571,7 +583,7 @@ impl Bus {
                 "the broker dropped the link right after this accepted publish every time it was sent; it is set aside (lost) so the messages behind it go on. Check the broker's max_packet_size and ACL"
             );
         }
-        resubscribed
+        worked
     }
 
     /// The link is (back) up: resubscribe everything wanted, re-send lost unsubscribes if the
@@ -658,8 +670,6 @@ impl Bus {
             }
             match polled {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    // The backoff is reset only once the link proves stable: a broker that
-                    // drops us right after every ConnAck must not be hit 10 times a second.
                     up_since = Some(std::time::Instant::now());
                     match phase {
                         Phase::Wiping => {
@@ -707,8 +717,13 @@ impl Bus {
                 }
                 Ok(ev) => self.on_event(ev),
                 Err(e) => {
+                    let was_up = matches!(phase, Phase::Up);
+                    let worked = self.link_lost(&mut el);
+                    // The backoff is reset by a link that worked (or lived long): a network
+                    // that flaps gets reconnected at once, a broker that drops us right after
+                    // every ConnAck is not hit 10 times a second.
                     match up_since.take() {
-                        Some(t) if t.elapsed() >= STABLE_LINK => {
+                        Some(t) if worked || t.elapsed() >= STABLE_LINK => {
                             backoff.reset();
                             failures = 0;
                             quick_drops = 0;
@@ -716,21 +731,13 @@ impl Bus {
                         Some(_) => quick_drops += 1,
                         None => {}
                     }
-                    let was_up = matches!(phase, Phase::Up);
-                    let resubscribed = self.link_lost(&mut el);
-                    if !resubscribed && quick_drops >= 3 && matches!(phase, Phase::Up | Phase::Down { .. }) {
-                        // The broker accepts us and then drops us before our subscriptions are
-                        // through: the persistent session is broken (RabbitMQ with classic
-                        // queues after the node holding it died), or another instance uses our
-                        // client id. Start over with a clean session, as at start-up; what the
-                        // broken session held is lost either way.
+                    if quick_drops == 3 {
+                        // Never "fixed" by dropping the persistent session: under a flapping
+                        // link that would throw away what the broker holds for our users.
                         warn!(
                             client_id = %self.client_id,
-                            "the broker keeps closing the link right after it accepts us: starting a fresh broker session. Is another instance running with the same --instance-id, or did the node holding our session die (RabbitMQ: use mqtt.durable_queue_type = quorum)?"
+                            "the broker keeps closing the link right after it accepts us: is another instance running with the same --instance-id, or did the node holding our session die (RabbitMQ: use mqtt.durable_queue_type = quorum)?"
                         );
-                        quick_drops = 0;
-                        el.mqtt_options.set_clean_session(true);
-                        phase = Phase::Wiping;
                     }
                     phase = match phase {
                         Phase::Up => Phase::Down { since: Some(std::time::Instant::now()) },

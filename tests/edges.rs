@@ -31,7 +31,7 @@ async fn a_publish_the_broker_refuses_is_set_aside_and_the_messages_behind_it_go
         alice.send_to("carol", &format!("small-{i}")).await;
     }
     wait_until("six acks", Duration::from_secs(10), || alice.events("ack").len() == 6).await;
-    // The link drops each time the big one is written; after five strikes it is set aside and
+    // The link drops each time the big one is written; after eight strikes it is set aside and
     // the five behind it arrive, in order.
     wait_until("carol gets the five", Duration::from_secs(30), || carol.events("chat_message").len() == 5).await;
     let got: Vec<String> =
@@ -43,7 +43,7 @@ async fn a_publish_the_broker_refuses_is_set_aside_and_the_messages_behind_it_go
     wait_readyz(&a, 200, Duration::from_secs(10)).await;
     // Few reconnects: the backoff was not reset by each short-lived link.
     let connects = m.connect_count(&a.client_id());
-    assert!(connects <= 15, "{connects} connects of the instance");
+    assert!(connects <= 20, "{connects} connects of the instance");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

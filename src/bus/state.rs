@@ -27,9 +27,12 @@ pub fn cost(topic: &str, payload: &[u8]) -> usize {
 /// A publish the link dropped right after writing is suspected of making the broker drop us
 /// (one it refuses, e.g. larger than its `max_packet_size`); after this many strikes in a row
 /// it is set aside rather than jam everything behind it forever.
-pub const POISON_STRIKES: u8 = 5;
-/// A link loss this soon after the suspect was written counts as a strike.
-pub const POISON_WINDOW: Duration = Duration::from_secs(2);
+pub const POISON_STRIKES: u8 = 8;
+/// A link loss this soon after the suspect was written counts as a strike; a later one clears
+/// its strikes (strikes must come in a row). A broker that refuses a packet drops the link
+/// within a round trip of reading it; a flapping network drops it at random moments, and
+/// eight random drops in a row each within 250 ms of the same write are very unlikely.
+pub const POISON_WINDOW: Duration = Duration::from_millis(250);
 
 /// One accepted publish.
 #[derive(Debug)]
@@ -193,9 +196,12 @@ impl Outbound {
         back.sort_by_key(|e| e.seq);
         self.window_bytes = 0;
         let mut poisoned = None;
-        if let Some(first) = back.iter_mut().find(|e| strike && e.written_at.is_some()) {
-            if first.written_at.is_some_and(|t| now.saturating_duration_since(t) <= POISON_WINDOW) {
+        if let Some(first) = back.iter_mut().find(|e| e.written_at.is_some()) {
+            let soon = first.written_at.is_some_and(|t| now.saturating_duration_since(t) <= POISON_WINDOW);
+            if strike && soon {
                 first.strikes += 1;
+            } else if !soon {
+                first.strikes = 0;
             }
         }
         if let Some(i) = back.iter().position(|e| e.strikes >= POISON_STRIKES) {
@@ -665,7 +671,7 @@ mod tests {
     }
 
     #[test]
-    fn a_publish_the_link_keeps_dropping_on_is_set_aside_after_five_strikes() {
+    fn a_publish_the_link_keeps_dropping_on_is_set_aside_after_eight_strikes() {
         let mut o = out_with(3, 10);
         let t = Instant::now();
         for strike in 1..=POISON_STRIKES {
