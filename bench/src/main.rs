@@ -1,27 +1,29 @@
 //! `fanout-bench`: load generator and benchmark suite for fanout.
 //!
 //! It starts its own Mosquitto (`/usr/sbin/mosquitto`, generated config, free port) and M
-//! `fanout` instances (the binary next to this one), drives them over loopback WebSockets,
-//! and reports a text table, `report.json` and `latency.svg` in `--out`.
+//! `fanout` instances (the repository's `target/release/fanout`, or `--fanout PATH`) as
+//! subprocesses, drives them over loopback WebSockets, and reports a text table, `report.json`
+//! and `latency.svg` in `--out`. Its own crate (`bench/`, a separate workspace like `fuzz/`):
+//! the service does not link the generator's dependencies.
 //!
 //! Scenarios: `direct` (+ `broker-floor` in the same invocation, direct as a ratio to it),
 //! `broker-floor`, `idle`, `fanout-amplification`, `churn`, or `all`. `--smoke` shrinks
 //! everything so a full pass takes well under 20 s.
 
-#[path = "fanout_bench/client.rs"]
 mod client;
-#[path = "fanout_bench/env.rs"]
 mod env;
-#[path = "fanout_bench/plot.rs"]
 mod plot;
-#[path = "fanout_bench/scenarios.rs"]
+mod report;
 mod scenarios;
+mod smoke;
+mod stats;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
-use serde_json::{json, Value};
+
+use report::{r3, FloorRatios, Machine, Report, Section};
 
 #[derive(Copy, Clone, PartialEq, Eq, Debug, ValueEnum)]
 enum Scenario {
@@ -105,7 +107,7 @@ struct Cli {
     /// --worker-threads of the instances (default: one per core)
     #[arg(long)]
     instance_threads: Option<usize>,
-    /// fanout binary under test (default: `fanout` next to this executable)
+    /// fanout binary under test (default: the repository's target/release/fanout)
     #[arg(long)]
     fanout: Option<PathBuf>,
     /// Mosquitto binary
@@ -135,7 +137,7 @@ pub struct Opts {
     pub concurrency: usize,
     pub jwt_secret: String,
     pub mosquitto: PathBuf,
-    pub fanout: Option<PathBuf>,
+    pub fanout: PathBuf,
     pub instance_threads: Option<usize>,
     pub out: PathBuf,
 }
@@ -163,20 +165,24 @@ fn main() -> ExitCode {
     }
 }
 
-fn machine(nofile: u64) -> Value {
+fn machine(nofile: u64) -> Machine {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model =
-        cpuinfo.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split_once(':')).map(|(_, m)| m.trim());
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, m)| m.trim().to_string());
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let mem = meminfo.lines().find(|l| l.starts_with("MemTotal")).map(|l| l.split_whitespace().nth(1).unwrap_or(""));
+    let mem =
+        meminfo.lines().find(|l| l.starts_with("MemTotal")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    json!({
-        "nproc": scenarios::ncpu(),
-        "cpu_model": model,
-        "mem_total_kib": mem.and_then(|m| m.parse::<u64>().ok()),
-        "kernel": kernel.trim(),
-        "nofile_limit": nofile,
-    })
+    Machine {
+        nproc: scenarios::ncpu(),
+        cpu_model: model,
+        mem_total_kib: mem,
+        kernel: kernel.trim().to_string(),
+        nofile_limit: nofile,
+    }
 }
 
 async fn run(cli: Cli, nofile: u64) -> Result<bool, String> {
@@ -198,7 +204,7 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool, String> {
         concurrency: cli.concurrency.max(1),
         jwt_secret: cli.jwt_secret.clone().unwrap_or_else(|| format!("bench-{}", uuid::Uuid::new_v4().simple())),
         mosquitto: cli.mosquitto.clone(),
-        fanout: cli.fanout.clone(),
+        fanout: env::fanout_binary(cli.fanout.as_deref())?,
         instance_threads: cli.instance_threads,
         out: cli.out.clone(),
     };
@@ -232,130 +238,54 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool, String> {
     }
     let machine = machine(nofile);
     println!(
-        "fanout-bench: {} cores ({}), RLIMIT_NOFILE {nofile}; scenarios {list:?}; out {}",
-        machine["nproc"],
-        machine["cpu_model"].as_str().unwrap_or("?"),
+        "fanout-bench: {} cores ({}), RLIMIT_NOFILE {nofile}; scenarios {list:?}; fanout {}; out {}",
+        machine.nproc,
+        machine.cpu_model.as_deref().unwrap_or("?"),
+        opts.fanout.display(),
         opts.out.display()
     );
     let started = std::time::Instant::now();
     let mut sections = Vec::new();
-    let (mut direct, mut floor) = (None, None);
     for s in &list {
-        let v = match s {
-            Scenario::Direct => scenarios::direct(&opts, &rates).await?,
-            Scenario::BrokerFloor => scenarios::broker_floor(&opts, &rates).await?,
-            Scenario::Idle => scenarios::idle(&opts).await?,
-            Scenario::FanoutAmplification => scenarios::amplification(&opts).await?,
-            Scenario::Churn => scenarios::churn(&opts).await?,
+        sections.push(match s {
+            Scenario::Direct => Section::Direct(scenarios::direct(&opts, &rates).await?),
+            Scenario::BrokerFloor => Section::BrokerFloor(scenarios::broker_floor(&opts, &rates).await?),
+            Scenario::Idle => Section::Idle(scenarios::idle(&opts).await?),
+            Scenario::FanoutAmplification => Section::FanoutAmplification(scenarios::amplification(&opts).await?),
+            Scenario::Churn => Section::Churn(scenarios::churn(&opts).await?),
             Scenario::All => continue,
-        };
-        match s {
-            Scenario::Direct => direct = Some(v.clone()),
-            Scenario::BrokerFloor => floor = Some(v.clone()),
-            _ => {}
-        }
-        sections.push(v);
+        });
     }
-    let ratios = match (&direct, &floor) {
-        (Some(d), Some(f)) => Some(ratio_section(d, f)),
+    let direct = sections.iter().find_map(|s| if let Section::Direct(d) = s { Some(d) } else { None });
+    let floor = sections.iter().find_map(|s| if let Section::BrokerFloor(f) = s { Some(f) } else { None });
+    let ratios = match (direct, floor) {
+        (Some(d), Some(f)) => Some(FloorRatios::new(d, f)),
         _ => None,
     };
     if let Some(r) = &ratios {
         println!("\ndirect vs broker-floor (same invocation, same rates and sizes):");
-        for (k, v) in r.as_object().into_iter().flatten() {
+        let v = serde_json::to_value(r).map_err(|e| e.to_string())?;
+        for (k, v) in v.as_object().into_iter().flatten() {
             println!("  {k:<44} {v}");
         }
     }
-    if let Some(d) = &direct {
+    if let Some(d) = direct {
         let svg = opts.out.join("latency.svg");
-        match scenarios::plot(&svg, d, floor.as_ref()) {
+        match plot::latency_svg(&svg, d, floor) {
             Ok(()) => println!("plot: {}", svg.display()),
             Err(e) => eprintln!("plot failed: {e}"),
         }
     }
-    let report = json!({
-        "tool": "fanout-bench",
-        "args": std::env::args().skip(1).collect::<Vec<_>>(),
-        "machine": machine,
-        "wall_secs": scenarios::r3(started.elapsed().as_secs_f64()),
-        "scenarios": sections,
-        "direct_vs_floor": ratios,
-    });
+    let report = Report {
+        tool: "fanout-bench",
+        args: std::env::args().skip(1).collect(),
+        machine,
+        wall_secs: r3(started.elapsed().as_secs_f64()),
+        scenarios: sections,
+        direct_vs_floor: ratios,
+    };
     let path = opts.out.join("report.json");
     env::write_file(&path, &serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?)?;
     println!("report: {} ({:.1} s)", path.display(), started.elapsed().as_secs_f64());
-    Ok(if cli.smoke { smoke_checks(&report) } else { true })
-}
-
-fn ratio_section(d: &Value, f: &Value) -> Value {
-    let mut per_rate = Vec::new();
-    for ds in d["steps"].as_array().into_iter().flatten() {
-        let rate = ds["offered_rate"].as_f64();
-        let fs = f["steps"].as_array().into_iter().flatten().find(|s| s["offered_rate"].as_f64() == rate);
-        if let Some(fs) = fs {
-            let diff = |k: &str| Some(scenarios::r3(ds[k].as_f64()? - fs[k].as_f64()?));
-            let ratio = |k: &str| Some(scenarios::r3(ds[k].as_f64()? / fs[k].as_f64()?.max(0.001)));
-            per_rate.push(json!({
-                "offered_rate": rate,
-                "p50_minus_floor_ms": diff("p50_ms"),
-                "p99_minus_floor_ms": diff("p99_ms"),
-                "p99_ratio": ratio("p99_ms"),
-            }));
-        }
-    }
-    let dmax = d["max_ok_rate"].as_f64();
-    let fmax = f["max_ok_rate"].as_f64();
-    json!({
-        "direct_max_ok_rate": dmax,
-        "floor_max_ok_rate": fmax,
-        "direct_share_of_floor_throughput": match (dmax, fmax) {
-            (Some(a), Some(b)) if b > 0.0 => Some(scenarios::r3(a / b)),
-            _ => None,
-        },
-        "note": if f["steps"].as_array().and_then(|s| s.last()).and_then(|s| s["ok"].as_bool()) == Some(true) {
-            "broker-floor passed every offered rate: its max is a lower bound; the share is an upper bound"
-        } else {
-            "both sweeps stopped at their first failing rate"
-        },
-        "per_rate": per_rate,
-    })
-}
-
-/// What a smoke run must show for the tool (and the service) to count as working.
-fn smoke_checks(report: &Value) -> bool {
-    let mut ok = true;
-    let mut check = |cond: bool, what: &str| {
-        if !cond {
-            eprintln!("smoke: FAILED: {what}");
-            ok = false;
-        }
-    };
-    for s in report["scenarios"].as_array().into_iter().flatten() {
-        match s["scenario"].as_str() {
-            Some("direct") | Some("broker-floor") => {
-                for st in s["steps"].as_array().into_iter().flatten() {
-                    check(
-                        st["delivered_ratio"].as_f64() == Some(1.0),
-                        &format!("{} delivered every message", s["scenario"]),
-                    );
-                }
-            }
-            Some("idle") => {
-                check(
-                    s["rss_per_connection_kib"].as_f64().is_some_and(|v| v > 0.0),
-                    "idle RSS per connection measured",
-                );
-                check(s["cycle_failures"].as_u64() == Some(0), "idle connect/close cycles all succeeded");
-            }
-            Some("fanout-amplification") => {
-                check(s["amplification"].as_f64().is_some_and(|a| (a - 1.0).abs() < 0.01), "amplification is 1.00");
-            }
-            Some("churn") => {
-                check(s["churn_delivery_ratio"].as_f64() == Some(1.0), "churned users got their message");
-                check(s["packets_per_connection"].as_f64().is_some_and(|p| p > 0.0), "broker log counted");
-            }
-            _ => {}
-        }
-    }
-    ok
+    Ok(if cli.smoke { smoke::checks(&report) } else { true })
 }

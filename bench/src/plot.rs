@@ -3,29 +3,34 @@
 use std::path::Path;
 
 use plotters::prelude::*;
-use serde_json::Value;
+
+use crate::report::Sweep;
+use crate::stats::Quantiles;
 
 type Line = (String, Vec<(f64, f64)>, RGBColor);
+/// Picks one percentile out of a step's latency.
+type Pick = fn(&Quantiles) -> Option<f64>;
 
-fn series(v: &Value, key: &str) -> Vec<(f64, f64)> {
-    v["steps"]
-        .as_array()
-        .map(|steps| {
-            steps.iter().filter_map(|s| Some((s["offered_rate"].as_f64()?, s[key].as_f64()?.max(0.001)))).collect()
-        })
-        .unwrap_or_default()
+fn series(sweep: &Sweep, key: Pick) -> Vec<(f64, f64)> {
+    sweep.steps.iter().filter_map(|s| Some((s.offered_rate, key(&s.latency)?.max(0.001)))).collect()
 }
 
-pub fn latency_svg(path: &Path, direct: &Value, floor: Option<&Value>) -> Result<(), String> {
-    let keys = [("p50_ms", "p50"), ("p90_ms", "p90"), ("p99_ms", "p99"), ("p999_ms", "p99.9"), ("max_ms", "max")];
+pub fn latency_svg(path: &Path, direct: &Sweep, floor: Option<&Sweep>) -> Result<(), String> {
+    let keys: [(Pick, &str); 5] = [
+        (|q| q.p50_ms, "p50"),
+        (|q| q.p90_ms, "p90"),
+        (|q| q.p99_ms, "p99"),
+        (|q| q.p999_ms, "p99.9"),
+        (|q| q.max_ms, "max"),
+    ];
     let mut lines: Vec<Line> = Vec::new();
     let colors = [BLUE, GREEN, RED, MAGENTA, BLACK];
     for ((k, name), c) in keys.iter().zip(colors) {
-        lines.push((format!("fanout {name}"), series(direct, k), c));
+        lines.push((format!("fanout {name}"), series(direct, *k), c));
     }
     if let Some(f) = floor {
-        lines.push(("broker-floor p50".into(), series(f, "p50_ms"), CYAN));
-        lines.push(("broker-floor p99".into(), series(f, "p99_ms"), RGBColor(255, 140, 0)));
+        lines.push(("broker-floor p50".into(), series(f, |q| q.p50_ms), CYAN));
+        lines.push(("broker-floor p99".into(), series(f, |q| q.p99_ms), RGBColor(255, 140, 0)));
     }
     let all: Vec<(f64, f64)> = lines.iter().flat_map(|l| l.1.iter().copied()).collect();
     if all.is_empty() {
@@ -36,7 +41,9 @@ pub fn latency_svg(path: &Path, direct: &Value, floor: Option<&Value>) -> Result
     let ymax = all.iter().map(|p| p.1).fold(0.0, f64::max) * 1.5;
     let title = format!(
         "fanout: latency vs offered load ({} instances, {} users, {} B messages)",
-        direct["instances"], direct["users"], direct["message_bytes"]
+        direct.instances.unwrap_or(0),
+        direct.users,
+        direct.message_bytes
     );
     let root = SVGBackend::new(path, (960, 600)).into_drawing_area();
     let e = |e: DrawingAreaErrorKind<_>| e.to_string();

@@ -92,13 +92,18 @@ pub struct Instance {
     pub id: String,
 }
 
-pub fn fanout_binary() -> Res<PathBuf> {
-    let me = std::env::current_exe().map_err(|e| e.to_string())?;
-    let p = me.parent().ok_or("no exe dir")?.join("fanout");
-    if p.exists() {
-        Ok(p)
-    } else {
-        Err(format!("{} not found: build both binaries (cargo build --release)", p.display()))
+/// The fanout binary under test: `--fanout PATH`, or the repository's `target/release/fanout`.
+pub fn fanout_binary(given: Option<&Path>) -> Res<PathBuf> {
+    let p = match given {
+        Some(p) => p.to_path_buf(),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/fanout"),
+    };
+    match p.canonicalize() {
+        Ok(p) if p.is_file() => Ok(p),
+        _ => Err(format!(
+            "{} not found: build it (cargo build --release --bin fanout at the repository root) or pass --fanout PATH",
+            p.display()
+        )),
     }
 }
 
