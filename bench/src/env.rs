@@ -59,6 +59,9 @@ pub struct Broker {
 pub fn start_mosquitto(bin: &Path, dir: &Path) -> Res<Broker> {
     let port = free_port();
     let log = dir.join("mosquitto.log");
+    // Mosquitto appends to its log: a rerun into the same --out would count the previous
+    // run's SUBSCRIBE/UNSUBSCRIBE lines too.
+    let _ = std::fs::remove_file(&log);
     let conf = dir.join("mosquitto.conf");
     let text = format!(
         "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence false\n\

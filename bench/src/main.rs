@@ -23,7 +23,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
 
-use report::{r3, FloorRatios, Machine, Report, Section};
+use report::{r3, Failure, FloorRatios, Machine, Report, Section};
 
 #[derive(Copy, Clone, PartialEq, Eq, Debug, ValueEnum)]
 enum Scenario {
@@ -39,6 +39,19 @@ enum Scenario {
     Churn,
     /// every scenario
     All,
+}
+
+impl Scenario {
+    fn name(&self) -> &'static str {
+        match self {
+            Scenario::Direct => "direct",
+            Scenario::BrokerFloor => "broker-floor",
+            Scenario::Idle => "idle",
+            Scenario::FanoutAmplification => "fanout-amplification",
+            Scenario::Churn => "churn",
+            Scenario::All => "all",
+        }
+    }
 }
 
 #[derive(Parser, Debug)]
@@ -155,7 +168,7 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli, nofile)) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => {
-            eprintln!("fanout-bench: smoke checks failed (see above)");
+            eprintln!("fanout-bench: a scenario or a smoke check failed (see above)");
             ExitCode::FAILURE
         }
         Err(e) => {
@@ -246,15 +259,23 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool, String> {
     );
     let started = std::time::Instant::now();
     let mut sections = Vec::new();
+    let mut failures = Vec::new();
     for s in &list {
-        sections.push(match s {
-            Scenario::Direct => Section::Direct(scenarios::direct(&opts, &rates).await?),
-            Scenario::BrokerFloor => Section::BrokerFloor(scenarios::broker_floor(&opts, &rates).await?),
-            Scenario::Idle => Section::Idle(scenarios::idle(&opts).await?),
-            Scenario::FanoutAmplification => Section::FanoutAmplification(scenarios::amplification(&opts).await?),
-            Scenario::Churn => Section::Churn(scenarios::churn(&opts).await?),
+        let r = match s {
+            Scenario::Direct => scenarios::direct(&opts, &rates).await.map(Section::Direct),
+            Scenario::BrokerFloor => scenarios::broker_floor(&opts, &rates).await.map(Section::BrokerFloor),
+            Scenario::Idle => scenarios::idle(&opts).await.map(Section::Idle),
+            Scenario::FanoutAmplification => scenarios::amplification(&opts).await.map(Section::FanoutAmplification),
+            Scenario::Churn => scenarios::churn(&opts).await.map(Section::Churn),
             Scenario::All => continue,
-        });
+        };
+        match r {
+            Ok(section) => sections.push(section),
+            Err(error) => {
+                eprintln!("fanout-bench: {} failed: {error}", s.name());
+                failures.push(Failure { scenario: s.name().to_string(), error });
+            }
+        }
     }
     let direct = sections.iter().find_map(|s| if let Section::Direct(d) = s { Some(d) } else { None });
     let floor = sections.iter().find_map(|s| if let Section::BrokerFloor(f) = s { Some(f) } else { None });
@@ -282,10 +303,25 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool, String> {
         machine,
         wall_secs: r3(started.elapsed().as_secs_f64()),
         scenarios: sections,
+        failures,
         direct_vs_floor: ratios,
     };
     let path = opts.out.join("report.json");
     env::write_file(&path, &serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?)?;
     println!("report: {} ({:.1} s)", path.display(), started.elapsed().as_secs_f64());
-    Ok(if cli.smoke { smoke::checks(&report) } else { true })
+    if !report.failures.is_empty() {
+        return Ok(false);
+    }
+    if cli.smoke {
+        let expected: Vec<&str> = list.iter().map(|s| s.name()).collect();
+        let failed = smoke::failures(&report, &expected);
+        for f in &failed {
+            eprintln!("smoke: FAILED: {f}");
+        }
+        if failed.is_empty() {
+            println!("smoke: every check passed ({} scenarios)", expected.len());
+        }
+        return Ok(failed.is_empty());
+    }
+    Ok(true)
 }

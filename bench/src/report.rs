@@ -20,7 +20,15 @@ pub struct Report {
     pub machine: Machine,
     pub wall_secs: f64,
     pub scenarios: Vec<Section>,
+    /// scenarios that stopped with an error (no section above)
+    pub failures: Vec<Failure>,
     pub direct_vs_floor: Option<FloorRatios>,
+}
+
+#[derive(Serialize)]
+pub struct Failure {
+    pub scenario: String,
+    pub error: String,
 }
 
 #[derive(Serialize)]
@@ -43,6 +51,19 @@ pub enum Section {
     Churn(Churn),
 }
 
+impl Section {
+    /// The scenario's name, as on the command line and in the JSON.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Section::Direct(_) => "direct",
+            Section::BrokerFloor(_) => "broker-floor",
+            Section::Idle(_) => "idle",
+            Section::FanoutAmplification(_) => "fanout-amplification",
+            Section::Churn(_) => "churn",
+        }
+    }
+}
+
 /// CPU used during a step, in cores (CPU seconds per wall second), and the machine's busy share.
 #[derive(Serialize, Clone, Copy, Default, Debug)]
 pub struct Cpu {
@@ -58,11 +79,17 @@ pub struct StepReport {
     pub offered_rate: f64,
     pub achieved_send_rate: f64,
     pub sent: u64,
+    /// distinct messages received (de-duplicated by sequence number)
     pub delivered: u64,
     pub delivered_ratio: f64,
+    /// copies of a message received more than once (not in `delivered`)
+    pub duplicates: u64,
+    /// `ack` frames (fanout) or PUBACKs (MQTT publishers) received during the step
     pub acks: u64,
     pub errors: u64,
     pub late_from_earlier_step: u64,
+    /// connections of this scenario whose reader ended so far (none should before teardown)
+    pub connections_closed: u64,
     pub generator_max_lag_ms: f64,
     pub cpu: Cpu,
     #[serde(flatten)]
@@ -120,6 +147,8 @@ pub struct Idle {
     pub connect_cpu: Cpu,
     pub instance_connections_metric: f64,
     pub rss_after_close_kib: u64,
+    /// `fanout_connections` once the N connections were closed
+    pub instance_connections_after_close: f64,
     pub cycles: usize,
     pub cycle_failures: u64,
     pub rss_fresh_cycles_instance_kib: u64,
@@ -128,6 +157,7 @@ pub struct Idle {
     pub rss_after_cycles_kib: u64,
     pub bytes_kept_per_closed_connection: f64,
     pub subscriptions_left_incl_broadcast: f64,
+    pub instance_connections_after_cycles: f64,
 }
 
 #[derive(Serialize)]
@@ -155,8 +185,14 @@ pub struct Churn {
     pub subscribe_lines: u64,
     pub unsubscribe_lines: u64,
     pub packets_per_connection: f64,
+    /// messages the stable users were asked to send to churned users (their acks arrive on
+    /// the stable sockets, so they are in `stable_traffic.acks` too)
+    pub churn_messages_sent: u64,
     pub churn_messages_delivered: u64,
+    /// delivered / churn connections attempted
     pub churn_delivery_ratio: f64,
+    /// the stable users' `ack`s after the churn ended: stable traffic + churn messages
+    pub acks_stable_and_churn: u64,
     pub churn_message_p99_ms: Option<f64>,
     pub subscriptions_left_incl_broadcast: f64,
     pub stable_traffic: StepReport,

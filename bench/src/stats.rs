@@ -1,6 +1,7 @@
 //! What the generator's readers count: a latency histogram and counters per measurement step,
 //! and the benchmark's payload that makes a received message traceable to its step.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -17,16 +18,26 @@ pub fn new_hist() -> Histogram<u64> {
 }
 
 /// Counters of one measurement step; `step` tags messages so late ones from an earlier step
-/// are not counted in this one.
+/// are not counted in this one, and each message's sequence number is remembered so that a
+/// copy is counted as a duplicate, not as a delivery.
 pub struct Stats {
     pub epoch: Instant,
     step: AtomicU64,
-    hist: Mutex<Histogram<u64>>,
+    window: Mutex<Window>,
+    /// distinct messages of this step received
     pub delivered: AtomicU64,
+    /// further copies of messages already received in this step
+    pub duplicates: AtomicU64,
     pub stale: AtomicU64,
     pub acks: AtomicU64,
     pub errors: AtomicU64,
+    /// connections whose reader ended (since they were opened; not reset per step)
     pub closed: AtomicU64,
+}
+
+struct Window {
+    hist: Histogram<u64>,
+    seen: HashSet<u64>,
 }
 
 impl Stats {
@@ -34,8 +45,9 @@ impl Stats {
         Arc::new(Stats {
             epoch,
             step: AtomicU64::new(0),
-            hist: Mutex::new(new_hist()),
+            window: Mutex::new(Window { hist: new_hist(), seen: HashSet::new() }),
             delivered: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
             stale: AtomicU64::new(0),
             acks: AtomicU64::new(0),
             errors: AtomicU64::new(0),
@@ -47,28 +59,40 @@ impl Stats {
         self.epoch.elapsed().as_micros() as u64
     }
 
-    /// Starts a new step: clears counters and the histogram.
+    /// Starts a new step: clears counters, the histogram and the sequence numbers seen.
     pub fn reset(&self, step: u64) {
         self.step.store(step, Relaxed);
-        self.hist.lock().reset();
-        for c in [&self.delivered, &self.stale, &self.acks, &self.errors] {
+        {
+            let mut w = self.window.lock();
+            w.hist.reset();
+            w.seen.clear();
+        }
+        for c in [&self.delivered, &self.duplicates, &self.stale, &self.acks, &self.errors] {
             c.store(0, Relaxed);
         }
     }
 
-    /// Records one received message.
+    /// Records one received message: its latency if it is the first copy of (step, seq).
     pub fn record(&self, s: &Stamp) {
         if s.r != self.step.load(Relaxed) {
             self.stale.fetch_add(1, Relaxed);
             return;
         }
         let lat = self.now_us().saturating_sub(s.t).max(1);
-        self.hist.lock().saturating_record(lat);
+        let mut w = self.window.lock();
+        if !w.seen.insert(s.s) {
+            drop(w);
+            self.duplicates.fetch_add(1, Relaxed);
+            return;
+        }
+        w.hist.saturating_record(lat);
+        drop(w);
         self.delivered.fetch_add(1, Relaxed);
     }
 
     pub fn quantiles(&self) -> Quantiles {
-        let h = self.hist.lock();
+        let w = self.window.lock();
+        let h = &w.hist;
         if h.is_empty() {
             return Quantiles::default();
         }
@@ -99,6 +123,7 @@ pub struct Quantiles {
 pub struct Stamp {
     pub t: u64,
     pub r: u64,
+    pub s: u64,
 }
 
 #[derive(Deserialize)]

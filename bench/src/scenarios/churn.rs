@@ -25,6 +25,7 @@ struct Ctx {
     epoch: Instant,
     size: usize,
     connected: AtomicU64,
+    sent: AtomicU64,
     got: AtomicU64,
     fails: AtomicU64,
     hist: Mutex<Histogram<u64>>,
@@ -40,7 +41,9 @@ async fn one(ctx: Arc<Ctx>, n: usize, token: String, src: IpAddr, dst: SocketAdd
     ctx.connected.fetch_add(1, Relaxed);
     let t_us = ctx.epoch.elapsed().as_micros() as u64;
     let sender = &ctx.conns[n % ctx.conns.len()];
-    let _ = sender.tx.send(chat_frame(&format!("c-{n}"), &message_json(t_us, u64::MAX, n as u64, ctx.size)));
+    if sender.tx.send(chat_frame(&format!("c-{n}"), &message_json(t_us, u64::MAX, n as u64, ctx.size))).is_ok() {
+        ctx.sent.fetch_add(1, Relaxed);
+    }
     let r = tokio::time::timeout(Duration::from_secs(5), async {
         while let Some(Ok(m)) = ws.next().await {
             if let Message::Text(t) = m {
@@ -71,6 +74,7 @@ pub async fn churn(opts: &Opts) -> Res<Churn> {
         epoch: fleet.stats.epoch,
         size: opts.size,
         connected: AtomicU64::new(0),
+        sent: AtomicU64::new(0),
         got: AtomicU64::new(0),
         fails: AtomicU64::new(0),
         hist: Mutex::new(new_hist()),
@@ -104,6 +108,13 @@ pub async fn churn(opts: &Opts) -> Res<Churn> {
     };
     let step = run_step(&Sender::Fanout(&ctx.conns), &fleet.users, &fleet.stats, &fleet.procs(), &step).await;
     let _ = tokio::time::timeout(Duration::from_secs(30), churner).await;
+    // The stable users' `ack`s count both kinds of traffic: wait for all of them.
+    let want_acks = step.sent + ctx.sent.load(Relaxed);
+    let until = Instant::now() + Duration::from_secs(5);
+    while fleet.stats.acks.load(Relaxed) < want_acks && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let all_acks = fleet.stats.acks.load(Relaxed);
     // Let the last UNSUBSCRIBEs reach the broker and its log.
     let until = Instant::now() + Duration::from_secs(10);
     let prefix = "msg/c-";
@@ -115,6 +126,7 @@ pub async fn churn(opts: &Opts) -> Res<Churn> {
     }
     let connected = ctx.connected.load(Relaxed);
     let got = ctx.got.load(Relaxed);
+    let ctx_sent = ctx.sent.load(Relaxed);
     let fails = ctx.fails.load(Relaxed);
     let per_conn = (sub + unsub) as f64 / connected.max(1) as f64;
     let churn_p99 = {
@@ -130,7 +142,7 @@ pub async fn churn(opts: &Opts) -> Res<Churn> {
     println!(
         "\nchurn: {m} instances, {} stable users sending {} msg/s; {} connect+disconnect/s for {} s: {connected}/{total} \
          connected ({fails} failed); broker log: {sub} SUBSCRIBE + {unsub} UNSUBSCRIBE for churned users = {per_conn:.3} \
-         packets per connection; messages to churned users delivered {got}/{connected} (p99 {churn_p99:?} ms); stable \
+         packets per connection; messages to churned users delivered {got}/{total} (p99 {churn_p99:?} ms); stable \
          traffic delivered {}/{}; {subs_left} subscriptions left (stable users + 1 broadcast per instance = {})",
         opts.churn_users,
         opts.churn_msg_rate,
@@ -151,8 +163,10 @@ pub async fn churn(opts: &Opts) -> Res<Churn> {
         subscribe_lines: sub,
         unsubscribe_lines: unsub,
         packets_per_connection: r3(per_conn),
+        churn_messages_sent: ctx_sent,
         churn_messages_delivered: got,
-        churn_delivery_ratio: r5(got as f64 / connected.max(1) as f64),
+        churn_delivery_ratio: r5(got as f64 / total.max(1) as f64),
+        acks_stable_and_churn: all_acks,
         churn_message_p99_ms: churn_p99,
         subscriptions_left_incl_broadcast: subs_left,
         stable_traffic: step,

@@ -53,7 +53,10 @@ pub async fn broker_floor(opts: &Opts, rates: &[f64]) -> Res<Sweep> {
                         sa.fetch_add(1, Relaxed);
                     }
                     Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    Err(_) => {
+                        st.errors.fetch_add(1, Relaxed);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
                 }
             }
         }));
@@ -82,10 +85,18 @@ pub async fn broker_floor(opts: &Opts, rates: &[f64]) -> Res<Sweep> {
     let mut pubs = Vec::new();
     for k in 0..m {
         let (c, mut el) = mk(format!("floor-pub-{k}"));
+        let st = stats.clone();
         tasks.push(tokio::spawn(async move {
             loop {
-                if el.poll().await.is_err() {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        st.acks.fetch_add(1, Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(_) => {
+                        st.errors.fetch_add(1, Relaxed);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
                 }
             }
         }));

@@ -79,6 +79,7 @@ pub async fn idle(opts: &Opts) -> Res<Idle> {
     // Wait until the instance has let go of all of them.
     until_no_connections(port).await;
     let after_close = env::rss_kib(pid);
+    let conns_after_close = env::scrape(port, "fanout_connections", "").await.unwrap_or(-1.0);
     setup.stop();
 
     // Connect/close cycles on a fresh instance (after the N-connection phase the allocator
@@ -97,6 +98,7 @@ pub async fn idle(opts: &Opts) -> Res<Idle> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = env::rss_kib(pid);
     let subs_left = env::scrape(port, "fanout_subscriptions", "").await.unwrap_or(-1.0);
+    let conns_after_cycles = env::scrape(port, "fanout_connections", "").await.unwrap_or(-1.0);
     let kept = (after as f64 - before as f64) * 1024.0 / opts.cycles as f64;
     println!(
         "idle: {} connect/close cycles on a fresh instance ({fails} failed): RSS {fresh} KiB fresh, {before} KiB after \
@@ -114,6 +116,7 @@ pub async fn idle(opts: &Opts) -> Res<Idle> {
         connect_cpu: cpu,
         instance_connections_metric: conns_metric,
         rss_after_close_kib: after_close,
+        instance_connections_after_close: conns_after_close,
         cycles: opts.cycles,
         cycle_failures: fails,
         rss_fresh_cycles_instance_kib: fresh,
@@ -122,5 +125,6 @@ pub async fn idle(opts: &Opts) -> Res<Idle> {
         rss_after_cycles_kib: after,
         bytes_kept_per_closed_connection: r3(kept),
         subscriptions_left_incl_broadcast: subs_left,
+        instance_connections_after_cycles: conns_after_cycles,
     })
 }

@@ -161,9 +161,12 @@ pub async fn connect_all(
         .await;
     let secs = t0.elapsed().as_secs_f64();
     pb.finish_and_clear();
+    let failed = res.iter().filter(|r| r.is_err()).count();
     let mut out = Vec::with_capacity(res.len());
     for (i, r) in res.into_iter().enumerate() {
-        out.push(r.map_err(|e| format!("connection {i} ({}): {e}", users[i]))?);
+        out.push(r.map_err(|e| {
+            format!("{failed} of {} connections failed; connection {i} ({}): {e}", users.len(), users[i])
+        })?);
     }
     Ok((out, users.len() as f64 / secs))
 }
@@ -275,9 +278,9 @@ pub async fn run_step(
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let send_secs = start.elapsed().as_secs_f64();
-    // Drain: wait until everything arrived, at most 5 s.
+    // Drain: wait until everything arrived and was acknowledged, at most 5 s.
     let until = Instant::now() + Duration::from_secs(5);
-    while stats.delivered.load(Relaxed) < total && Instant::now() < until {
+    while (stats.delivered.load(Relaxed) < total || stats.acks.load(Relaxed) < total) && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let cpu = meter.stop();
@@ -292,9 +295,11 @@ pub async fn run_step(
         sent: total,
         delivered,
         delivered_ratio: r5(delivered as f64 / total.max(1) as f64),
+        duplicates: stats.duplicates.load(Relaxed),
         acks: stats.acks.load(Relaxed),
         errors: stats.errors.load(Relaxed) + send_errors,
         late_from_earlier_step: stats.stale.load(Relaxed),
+        connections_closed: stats.closed.load(Relaxed),
         generator_max_lag_ms: r3(max_lag_us as f64 / 1000.0),
         cpu,
         latency,
