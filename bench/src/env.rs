@@ -53,22 +53,30 @@ impl Drop for Proc {
 pub struct Broker {
     pub proc: Proc,
     pub port: u16,
+    /// Mosquitto's own `protocol websockets` listener (no-tier), when asked for.
+    pub ws_port: Option<u16>,
     pub log: PathBuf,
 }
 
-pub fn start_mosquitto(bin: &Path, dir: &Path) -> Res<Broker> {
+/// Starts Mosquitto on a free loopback port, and with `websockets` a second listener speaking
+/// MQTT over WebSocket (Mosquitto 2.0.11 refuses to start with a websockets listener alone).
+pub fn start_mosquitto(bin: &Path, dir: &Path, websockets: bool) -> Res<Broker> {
     let port = free_port();
+    let ws_port = websockets.then(free_port);
     let log = dir.join("mosquitto.log");
     // Mosquitto appends to its log: a rerun into the same --out would count the previous
     // run's SUBSCRIBE/UNSUBSCRIBE lines too.
     let _ = std::fs::remove_file(&log);
     let conf = dir.join("mosquitto.conf");
-    let text = format!(
+    let mut text = format!(
         "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence false\n\
          set_tcp_nodelay true\nmax_queued_messages 100000\nlog_dest file {}\nlog_type error\n\
          log_type warning\nlog_type notice\nlog_type subscribe\nlog_type unsubscribe\n",
         log.display()
     );
+    if let Some(ws) = ws_port {
+        text.push_str(&format!("listener {ws} 127.0.0.1\nprotocol websockets\n"));
+    }
     std::fs::write(&conf, text).map_err(|e| format!("write {}: {e}", conf.display()))?;
     let child = Command::new(bin)
         .arg("-c")
@@ -80,13 +88,15 @@ pub fn start_mosquitto(bin: &Path, dir: &Path) -> Res<Broker> {
         .map_err(|e| format!("cannot start {}: {e} (apt-get install mosquitto)", bin.display()))?;
     let proc = Proc { child };
     let until = Instant::now() + Duration::from_secs(5);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > until {
-            return Err(format!("mosquitto did not listen on {port}; see {}", log.display()));
+    for p in std::iter::once(port).chain(ws_port) {
+        while std::net::TcpStream::connect(("127.0.0.1", p)).is_err() {
+            if Instant::now() > until {
+                return Err(format!("mosquitto did not listen on {p}; see {}", log.display()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(Broker { proc, port, log })
+    Ok(Broker { proc, port, ws_port, log })
 }
 
 pub struct Instance {

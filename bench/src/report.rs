@@ -18,11 +18,17 @@ pub struct Report {
     pub tool: &'static str,
     pub args: Vec<String>,
     pub machine: Machine,
+    /// /proc/loadavg (1, 5, 15 minutes) when the invocation started and ended
+    pub load_average_before: String,
+    pub load_average_after: String,
     pub wall_secs: f64,
     pub scenarios: Vec<Section>,
     /// scenarios that stopped with an error (no section above)
     pub failures: Vec<Failure>,
-    pub direct_vs_floor: Option<FloorRatios>,
+    /// `direct` against `broker-floor`, per run
+    pub direct_vs_floor: Vec<FloorRatios>,
+    /// fanout against the no-tier floor (ratios fanout ÷ no-tier), per run and summarised
+    pub fanout_vs_no_tier: Option<crate::compare::Comparison>,
 }
 
 #[derive(Serialize)]
@@ -46,6 +52,8 @@ pub struct Machine {
 pub enum Section {
     Direct(Sweep),
     BrokerFloor(Sweep),
+    NoTier(Sweep),
+    IdleMemory(IdleMemory),
     Idle(Idle),
     FanoutAmplification(Amplification),
     Churn(Churn),
@@ -57,6 +65,8 @@ impl Section {
         match self {
             Section::Direct(_) => "direct",
             Section::BrokerFloor(_) => "broker-floor",
+            Section::NoTier(_) => "no-tier",
+            Section::IdleMemory(_) => "idle-memory",
             Section::Idle(_) => "idle",
             Section::FanoutAmplification(_) => "fanout-amplification",
             Section::Churn(_) => "churn",
@@ -71,6 +81,28 @@ pub struct Cpu {
     pub instances_cores: f64,
     pub broker_cores: f64,
     pub machine_busy: f64,
+    /// the metered interval: sending plus the drain
+    pub wall_secs: f64,
+}
+
+impl Cpu {
+    /// CPU time per message of the step, in µs.
+    pub fn per_message(&self, sent: u64) -> CpuPerMessage {
+        let us = |cores: f64| r3(cores * self.wall_secs * 1e6 / sent.max(1) as f64);
+        CpuPerMessage {
+            generator_us: us(self.generator_cores),
+            instances_us: us(self.instances_cores),
+            broker_us: us(self.broker_cores),
+        }
+    }
+}
+
+/// CPU time per message sent, by process group (µs; from /proc and getrusage).
+#[derive(Serialize, Clone, Copy, Default, Debug)]
+pub struct CpuPerMessage {
+    pub generator_us: f64,
+    pub instances_us: f64,
+    pub broker_us: f64,
 }
 
 /// One step at a fixed offered rate.
@@ -92,6 +124,7 @@ pub struct StepReport {
     pub connections_closed: u64,
     pub generator_max_lag_ms: f64,
     pub cpu: Cpu,
+    pub cpu_per_message: CpuPerMessage,
     #[serde(flatten)]
     pub latency: Quantiles,
     /// The send rate fell behind, or the generator used much of a saturated machine.
@@ -100,9 +133,11 @@ pub struct StepReport {
     pub ok: bool,
 }
 
-/// A sweep of rates: `direct` (fanout) or `broker-floor`.
+/// A sweep of rates: `direct` (fanout), `broker-floor` or `no-tier`.
 #[derive(Serialize)]
 pub struct Sweep {
+    /// which repetition (`--runs`) of the comparison this is, from 1
+    pub run: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub instances: Option<usize>,
     /// MQTT publishers and subscribers each (broker-floor).
@@ -115,6 +150,10 @@ pub struct Sweep {
     pub connect_rate_per_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub instance_rss_kib_after: Option<Vec<u64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker_rss_kib_after: Option<u64>,
+    /// CPU with every connection open and no traffic, before the first step
+    pub idle_cpu: Cpu,
     pub max_ok_rate: Option<f64>,
     pub steps: Vec<StepReport>,
 }
@@ -135,6 +174,33 @@ pub fn max_ok_rate(steps: &[StepReport]) -> Option<f64> {
         best = Some(s.offered_rate);
     }
     best
+}
+
+#[derive(Serialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "kebab-case")]
+pub enum Side {
+    Fanout,
+    NoTier,
+}
+
+/// Memory per idle connection: fanout (one instance, and the broker behind it) or no-tier
+/// (Mosquitto's websockets listener).
+#[derive(Serialize)]
+pub struct IdleMemory {
+    pub run: u32,
+    pub side: Side,
+    pub connections: usize,
+    /// connections the server held when RSS was read (fanout: its `fanout_connections`;
+    /// no-tier: sessions that got their CONNACK and SUBACK)
+    pub connected: f64,
+    pub instance_rss_empty_kib: Option<u64>,
+    pub instance_rss_full_kib: Option<u64>,
+    pub instance_kib_per_connection: Option<f64>,
+    pub broker_rss_empty_kib: u64,
+    pub broker_rss_full_kib: u64,
+    pub broker_kib_per_connection: f64,
+    pub connect_rate_per_s: f64,
+    pub connect_cpu: Cpu,
 }
 
 #[derive(Serialize)]
@@ -198,9 +264,10 @@ pub struct Churn {
     pub stable_traffic: StepReport,
 }
 
-/// `direct` against `broker-floor` of the same invocation.
+/// `direct` against `broker-floor` of the same invocation and run.
 #[derive(Serialize)]
 pub struct FloorRatios {
+    pub run: u32,
     pub direct_max_ok_rate: Option<f64>,
     pub floor_max_ok_rate: Option<f64>,
     pub direct_share_of_floor_throughput: Option<f64>,
@@ -233,6 +300,7 @@ impl FloorRatios {
             })
             .collect();
         FloorRatios {
+            run: d.run,
             direct_max_ok_rate: d.max_ok_rate,
             floor_max_ok_rate: f.max_ok_rate,
             direct_share_of_floor_throughput: match (d.max_ok_rate, f.max_ok_rate) {

@@ -12,9 +12,12 @@ pub fn failures(report: &Report, expected: &[&str]) -> Vec<String> {
             out.push(what);
         }
     };
-    for name in expected {
-        let n = report.scenarios.iter().filter(|s| s.name() == *name).count();
-        check(n > 0, format!("{name}: no report (the scenario did not run or failed; see above)"));
+    let mut names: Vec<&str> = expected.to_vec();
+    names.dedup();
+    for name in names {
+        let want = expected.iter().filter(|e| **e == name).count();
+        let got = report.scenarios.iter().filter(|s| s.name() == name).count();
+        check(got == want, format!("{name}: {got} of {want} reports (a run did not happen or failed; see above)"));
     }
     for f in &report.failures {
         check(false, format!("{}: {}", f.scenario, f.error));
@@ -22,11 +25,17 @@ pub fn failures(report: &Report, expected: &[&str]) -> Vec<String> {
     for s in &report.scenarios {
         let name = s.name();
         match s {
-            Section::Direct(sw) | Section::BrokerFloor(sw) => {
+            Section::Direct(sw) | Section::BrokerFloor(sw) | Section::NoTier(sw) => {
                 check(!sw.steps.is_empty(), format!("{name}: no steps"));
                 for st in &sw.steps {
                     step(&mut check, name, st, st.sent);
                 }
+            }
+            Section::IdleMemory(m) => {
+                check(
+                    m.connected == m.connections as f64,
+                    format!("{name} ({:?}): {} connections held of {}", m.side, m.connected, m.connections),
+                );
             }
             Section::Idle(i) => {
                 let n = i.connections as f64;

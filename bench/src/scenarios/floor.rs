@@ -14,10 +14,10 @@ use crate::report::{max_ok_rate, Sweep};
 use crate::stats::{classify, Inbound, Stats};
 use crate::Opts;
 
-pub async fn broker_floor(opts: &Opts, rates: &[f64]) -> Res<Sweep> {
-    let dir = opts.out.join("broker-floor");
+pub async fn broker_floor(opts: &Opts, rates: &[f64], run: u32) -> Res<Sweep> {
+    let dir = opts.out.join(format!("broker-floor-run{run}"));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let broker = env::start_mosquitto(&opts.mosquitto, &dir)?;
+    let broker = env::start_mosquitto(&opts.mosquitto, &dir, false)?;
     let users = user_names("u", opts.users);
     let stats = Stats::new(Instant::now());
     let m = opts.instances.max(1);
@@ -103,16 +103,22 @@ pub async fn broker_floor(opts: &Opts, rates: &[f64]) -> Res<Sweep> {
         pubs.push(c);
     }
     let procs = Procs { instances: Vec::new(), broker: broker.proc.pid() };
-    let steps = sweep(&Sender::Floor(&pubs), &users, &stats, &procs, opts, rates, "broker-floor").await;
+    let (idle_cpu, steps) = sweep(&Sender::Floor(&pubs), &users, &stats, &procs, opts, rates, "broker-floor").await;
+    let broker_rss = env::rss_kib(procs.broker);
     for t in tasks {
         t.abort();
     }
     drop(broker);
     print_steps(
-        &format!("broker-floor: rumqttc, {m} publishers, {m} subscribers, {} user topics, QoS 1", opts.users),
+        &format!(
+            "broker-floor (run {run}): rumqttc over TCP, {m} publishers, {m} subscribers, {} user topics, QoS 1",
+            opts.users
+        ),
+        &idle_cpu,
         &steps,
     );
     Ok(Sweep {
+        run,
         instances: None,
         clients: Some(m),
         users: opts.users,
@@ -120,6 +126,8 @@ pub async fn broker_floor(opts: &Opts, rates: &[f64]) -> Res<Sweep> {
         step_secs: opts.step_secs,
         connect_rate_per_s: None,
         instance_rss_kib_after: None,
+        broker_rss_kib_after: Some(broker_rss),
+        idle_cpu,
         max_ok_rate: max_ok_rate(&steps),
         steps,
     })

@@ -8,12 +8,15 @@ mod churn;
 mod direct;
 mod floor;
 mod idle;
+pub mod memory;
+mod no_tier;
 
 pub use amplification::amplification;
 pub use churn::churn;
 pub use direct::direct;
 pub use floor::broker_floor;
 pub use idle::idle;
+pub use no_tier::no_tier;
 
 use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -27,6 +30,7 @@ use rumqttc::{AsyncClient, QoS};
 
 use crate::client::{self, chat_frame, Conn};
 use crate::env::{self, Broker, Instance, Res};
+use crate::mqtt_ws::MqttConn;
 use crate::report::{r3, r5, Cpu, StepReport};
 use crate::stats::{envelope, message_json, Stats};
 use crate::Opts;
@@ -65,7 +69,7 @@ impl Setup {
     pub async fn start(opts: &Opts, name: &str, count: usize) -> Res<Setup> {
         let dir = opts.out.join(name);
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let broker = env::start_mosquitto(&opts.mosquitto, &dir)?;
+        let broker = env::start_mosquitto(&opts.mosquitto, &dir, false)?;
         let instances =
             env::start_instances(&opts.fanout, &dir, broker.port, count, &opts.jwt_secret, opts.instance_threads)
                 .await?;
@@ -204,7 +208,13 @@ impl Meter {
         let brk = (env::cpu_secs(self.broker) - self.broker0) / wall;
         let m = env::machine_jiffies();
         let busy = (m.0 - self.mach0.0) / (m.1 - self.mach0.1).max(1.0);
-        Cpu { generator_cores: r3(gen), instances_cores: r3(inst), broker_cores: r3(brk), machine_busy: r3(busy) }
+        Cpu {
+            generator_cores: r3(gen),
+            instances_cores: r3(inst),
+            broker_cores: r3(brk),
+            machine_busy: r3(busy),
+            wall_secs: r3(wall),
+        }
     }
 }
 
@@ -214,6 +224,8 @@ pub enum Sender<'a> {
     Fanout(&'a [Conn]),
     /// Straight to the broker through rumqttc publishers (broker-floor).
     Floor(&'a [AsyncClient]),
+    /// Each user's own MQTT-over-WebSocket session with the broker (no-tier).
+    NoTier(&'a [MqttConn]),
 }
 
 /// One measurement step: `rate` messages/s for `secs`, messages tagged `tag`.
@@ -268,6 +280,9 @@ pub async fn run_step(
                     let c = &pubs[from % pubs.len()];
                     c.publish(format!("bf/{}", users[to]), QoS::AtLeastOnce, false, env).await.is_ok()
                 }
+                Sender::NoTier(conns) => {
+                    conns[from].publish(no_tier::topic(&users[to]), envelope(&users[from], &users[to], &msg))
+                }
             };
             if !ok {
                 send_errors += 1;
@@ -302,13 +317,15 @@ pub async fn run_step(
         connections_closed: stats.closed.load(Relaxed),
         generator_max_lag_ms: r3(max_lag_us as f64 / 1000.0),
         cpu,
+        cpu_per_message: cpu.per_message(total),
         latency,
         generator_bound: achieved < 0.98 * rate || (cpu.machine_busy > 0.9 && cpu.generator_cores > 0.4 * ncpu()),
         ok: p99 < P99_LIMIT_MS && delivered as f64 >= MIN_COMPLETE * total as f64,
     }
 }
 
-/// Runs a step per rate (tags 1, 2, …), 300 ms apart; stops after the first step that is not
+/// First the CPU the processes use with every connection open and no traffic (`opts.idle_secs`),
+/// then a step per rate (tags 1, 2, …), 300 ms apart; stops after the first step that is not
 /// ok unless `--no-stop-on-fail`.
 pub async fn sweep(
     sender: &Sender<'_>,
@@ -318,7 +335,10 @@ pub async fn sweep(
     opts: &Opts,
     rates: &[f64],
     label: &str,
-) -> Vec<StepReport> {
+) -> (Cpu, Vec<StepReport>) {
+    let meter = Meter::start(procs);
+    tokio::time::sleep(opts.idle_secs).await;
+    let idle = meter.stop();
     let mut steps = Vec::new();
     for (k, &rate) in rates.iter().enumerate() {
         let step = Step { label, tag: k as u64 + 1, rate, secs: opts.step_secs, size: opts.size };
@@ -330,11 +350,15 @@ pub async fn sweep(
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    steps
+    (idle, steps)
 }
 
-pub fn print_steps(title: &str, steps: &[StepReport]) {
+pub fn print_steps(title: &str, idle: &Cpu, steps: &[StepReport]) {
     println!("\n{title}");
+    println!(
+        "  idle (connections open, no traffic): cores generator {:.3}, instances {:.3}, broker {:.3}",
+        idle.generator_cores, idle.instances_cores, idle.broker_cores
+    );
     println!(
         "{:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>6} {:>6} {:>6} {:>5}",
         "offered",
