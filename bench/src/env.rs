@@ -61,6 +61,19 @@ pub struct Broker {
 /// Starts Mosquitto on a free loopback port, and with `websockets` a second listener speaking
 /// MQTT over WebSocket (Mosquitto 2.0.11 refuses to start with a websockets listener alone).
 pub fn start_mosquitto(bin: &Path, dir: &Path, websockets: bool) -> Res<Broker> {
+    let mut attempt = 1;
+    loop {
+        match try_mosquitto(bin, dir, websockets) {
+            Ok(b) => return Ok(b),
+            // Exited at once: a free port was taken in between by another process.
+            Err((true, _)) if attempt < 3 => attempt += 1,
+            Err((_, e)) => return Err(e),
+        }
+    }
+}
+
+/// One attempt; the error says whether Mosquitto exited (worth another try on other ports).
+fn try_mosquitto(bin: &Path, dir: &Path, websockets: bool) -> Result<Broker, (bool, String)> {
     let port = free_port();
     let ws_port = websockets.then(free_port);
     let log = dir.join("mosquitto.log");
@@ -77,7 +90,7 @@ pub fn start_mosquitto(bin: &Path, dir: &Path, websockets: bool) -> Res<Broker> 
     if let Some(ws) = ws_port {
         text.push_str(&format!("listener {ws} 127.0.0.1\nprotocol websockets\n"));
     }
-    std::fs::write(&conf, text).map_err(|e| format!("write {}: {e}", conf.display()))?;
+    std::fs::write(&conf, text).map_err(|e| (false, format!("write {}: {e}", conf.display())))?;
     let child = Command::new(bin)
         .arg("-c")
         .arg(&conf)
@@ -85,13 +98,15 @@ pub fn start_mosquitto(bin: &Path, dir: &Path, websockets: bool) -> Res<Broker> 
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| format!("cannot start {}: {e} (apt-get install mosquitto)", bin.display()))?;
-    let proc = Proc { child };
+        .map_err(|e| (false, format!("cannot start {}: {e} (apt-get install mosquitto)", bin.display())))?;
+    let mut proc = Proc { child };
     let until = Instant::now() + Duration::from_secs(5);
     for p in std::iter::once(port).chain(ws_port) {
         while std::net::TcpStream::connect(("127.0.0.1", p)).is_err() {
-            if Instant::now() > until {
-                return Err(format!("mosquitto did not listen on {p}; see {}", log.display()));
+            let exited = matches!(proc.child.try_wait(), Ok(Some(_)));
+            if exited || Instant::now() > until {
+                let why = if exited { "exited" } else { "did not listen" };
+                return Err((exited, format!("mosquitto {why} on {p}; see {}", log.display())));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -120,45 +135,59 @@ pub fn fanout_binary(given: Option<&Path>) -> Res<PathBuf> {
     }
 }
 
-pub async fn start_instances(
-    bin: &Path,
-    dir: &Path,
-    broker_port: u16,
-    count: usize,
-    secret: &str,
-    threads: Option<usize>,
-) -> Res<Vec<Instance>> {
+/// How the instances under test are started.
+pub struct InstanceArgs<'a> {
+    pub bin: &'a Path,
+    pub dir: &'a Path,
+    pub broker_port: u16,
+    pub secret: &'a str,
+    pub threads: Option<usize>,
+}
+
+fn spawn_instance(a: &InstanceArgs, id: &str) -> Res<Instance> {
+    let port = free_port();
+    let log = std::fs::File::create(a.dir.join(format!("{id}.log"))).map_err(|e| e.to_string())?;
+    let mut cmd = Command::new(a.bin);
+    cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    if let Some(t) = a.threads {
+        cmd.args(["--worker-threads", &t.to_string()]);
+    }
+    let child = cmd
+        .args(["--mqtt-url", &format!("mqtt://127.0.0.1:{}", a.broker_port)])
+        .args(["--instance-id", id, "--jwt-secret", a.secret])
+        .args(["--rate-limit", "100000", "--rate-burst", "100000"])
+        .args(["--max-connections", "1000000", "--publish-queue-bytes", "1GiB"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", a.bin.display()))?;
+    Ok(Instance { proc: Proc { child }, port, id: id.to_string() })
+}
+
+/// Starts `count` instances and waits until each answers `/readyz` with 200. An instance that
+/// exits first (its free port was taken in between by another process on this shared machine)
+/// is started again on another port, three times at most.
+pub async fn start_instances(a: &InstanceArgs<'_>, count: usize) -> Res<Vec<Instance>> {
     let mut out = Vec::new();
     for i in 0..count {
-        let port = free_port();
-        let id = format!("bench-{i}");
-        let log = std::fs::File::create(dir.join(format!("{id}.log"))).map_err(|e| e.to_string())?;
-        let mut cmd = Command::new(bin);
-        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")]);
-        if let Some(t) = threads {
-            cmd.args(["--worker-threads", &t.to_string()]);
-        }
-        let child = cmd
-            .args(["--mqtt-url", &format!("mqtt://127.0.0.1:{broker_port}")])
-            .args(["--instance-id", &id, "--jwt-secret", secret])
-            .args(["--rate-limit", "100000", "--rate-burst", "100000"])
-            .args(["--max-connections", "1000000", "--publish-queue-bytes", "1GiB"])
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
-        out.push(Instance { proc: Proc { child }, port, id });
+        out.push(spawn_instance(a, &format!("bench-{i}"))?);
     }
     for inst in &mut out {
+        let mut attempts = 1;
         let until = Instant::now() + Duration::from_secs(15);
         loop {
             if let Ok((200, _)) = http_get(inst.port, "/readyz").await {
                 break;
             }
             if let Ok(Some(st)) = inst.proc.child.try_wait() {
-                return Err(format!("instance {} exited ({st}); see {}/{}.log", inst.id, dir.display(), inst.id));
+                if attempts == 3 {
+                    return Err(format!("instance {} exited ({st}); see {}/{}.log", inst.id, a.dir.display(), inst.id));
+                }
+                attempts += 1;
+                *inst = spawn_instance(a, &inst.id)?;
+                continue;
             }
             if Instant::now() > until {
                 return Err(format!("instance {} not ready after 15 s", inst.id));

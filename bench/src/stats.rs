@@ -9,6 +9,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use crate::report::r3;
 
@@ -130,11 +131,12 @@ pub struct Stamp {
 struct Frame<'a> {
     #[serde(borrow)]
     event: &'a str,
-    data: Option<FrameData>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
-struct FrameData {
+struct ChatData {
     message: Option<Stamp>,
 }
 
@@ -146,20 +148,23 @@ pub enum Inbound {
     Other,
 }
 
-/// Reads a fanout frame, or an envelope as published on a broker topic (the same JSON).
+/// Reads a fanout frame, or an envelope as published on a broker topic (the same JSON). `data`
+/// is only parsed further for a `chat_message`: an `error` frame's `data.message` is a string,
+/// and parsing every frame's `data` as a chat message used to make error frames unreadable,
+/// so they were never counted.
 pub fn classify(text: &str) -> Inbound {
-    match serde_json::from_str::<Frame>(text) {
-        Ok(f) => match f.event {
-            "chat_message" => match f.data.and_then(|d| d.message) {
+    let Ok(f) = serde_json::from_str::<Frame>(text) else { return Inbound::Other };
+    match f.event {
+        "chat_message" => {
+            match f.data.and_then(|d| serde_json::from_str::<ChatData>(d.get()).ok()).and_then(|d| d.message) {
                 Some(s) => Inbound::Chat(s),
                 None => Inbound::Other,
-            },
-            "ack" => Inbound::Ack,
-            "error" => Inbound::Error,
-            "connected" => Inbound::Connected,
-            _ => Inbound::Other,
-        },
-        Err(_) => Inbound::Other,
+            }
+        }
+        "ack" => Inbound::Ack,
+        "error" => Inbound::Error,
+        "connected" => Inbound::Connected,
+        _ => Inbound::Other,
     }
 }
 

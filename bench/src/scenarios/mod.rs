@@ -70,9 +70,14 @@ impl Setup {
         let dir = opts.out.join(name);
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let broker = env::start_mosquitto(&opts.mosquitto, &dir, false)?;
-        let instances =
-            env::start_instances(&opts.fanout, &dir, broker.port, count, &opts.jwt_secret, opts.instance_threads)
-                .await?;
+        let args = env::InstanceArgs {
+            bin: &opts.fanout,
+            dir: &dir,
+            broker_port: broker.port,
+            secret: &opts.jwt_secret,
+            threads: opts.instance_threads,
+        };
+        let instances = env::start_instances(&args, count).await?;
         Ok(Setup { broker, instances })
     }
 
