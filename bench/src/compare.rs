@@ -21,7 +21,8 @@ pub struct RunComparison {
     pub fanout_max_ok_rate: Option<f64>,
     pub no_tier_max_ok_rate: Option<f64>,
     pub max_ok_rate_ratio: Option<f64>,
-    /// set when a side passed every offered rate: its maximum is then only a lower bound
+    /// set when a side passed every offered rate (its maximum is then only a lower bound), or
+    /// when the step a side failed at was generator-bound
     pub bound_note: Option<String>,
     pub per_rate: Vec<AtRate>,
     pub memory: Option<Memory>,
@@ -160,8 +161,22 @@ fn at_rate(f: &StepReport, n: &StepReport, fi: &Cpu, ni: &Cpu) -> AtRate {
 }
 
 fn bound_note(name: &str, s: &Sweep) -> Option<String> {
-    (s.steps.last().is_some_and(|l| l.ok))
-        .then(|| format!("{name} passed every offered rate: its maximum is a lower bound"))
+    let last = s.steps.last()?;
+    if last.ok {
+        Some(format!("{name} passed every offered rate: its maximum is a lower bound"))
+    } else if last.generator_bound {
+        Some(format!(
+            "{name} failed at {} msg/s in a generator-bound step (send rate {:.0}, scheduler lag {} ms, generator \
+             {} cores, machine busy {})",
+            last.offered_rate,
+            last.achieved_send_rate,
+            last.generator_max_lag_ms,
+            last.cpu.generator_cores,
+            last.cpu.machine_busy
+        ))
+    } else {
+        None
+    }
 }
 
 /// Pairs the `direct` and `no-tier` sweeps (and idle-memory phases) of each run.

@@ -127,7 +127,8 @@ pub struct StepReport {
     pub cpu_per_message: CpuPerMessage,
     #[serde(flatten)]
     pub latency: Quantiles,
-    /// The send rate fell behind, or the generator used much of a saturated machine.
+    /// The send rate fell > 2 % behind, the scheduler lagged > 20 ms behind its intended send
+    /// times, or the generator used > 40 % of a saturated machine.
     pub generator_bound: bool,
     /// p99 < 50 ms and ≥ 99.9 % delivered.
     pub ok: bool,

@@ -38,6 +38,8 @@ use crate::Opts;
 /// Per-message p99 limit for "sustained" rates, and the delivered share a step must reach.
 pub const P99_LIMIT_MS: f64 = 50.0;
 pub const MIN_COMPLETE: f64 = 0.999;
+/// A scheduler more than this far behind its intended send times was itself starved of CPU.
+pub const GENERATOR_LAG_LIMIT_US: u64 = 20_000;
 
 pub fn bar(len: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
@@ -324,7 +326,9 @@ pub async fn run_step(
         cpu,
         cpu_per_message: cpu.per_message(total),
         latency,
-        generator_bound: achieved < 0.98 * rate || (cpu.machine_busy > 0.9 && cpu.generator_cores > 0.4 * ncpu()),
+        generator_bound: achieved < 0.98 * rate
+            || max_lag_us > GENERATOR_LAG_LIMIT_US
+            || (cpu.machine_busy > 0.9 && cpu.generator_cores > 0.4 * ncpu()),
         ok: p99 < P99_LIMIT_MS && delivered as f64 >= MIN_COMPLETE * total as f64,
     }
 }
@@ -365,7 +369,7 @@ pub fn print_steps(title: &str, idle: &Cpu, steps: &[StepReport]) {
         idle.generator_cores, idle.instances_cores, idle.broker_cores
     );
     println!(
-        "{:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>6} {:>6} {:>6} {:>5}",
+        "{:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>6} {:>6} {:>6} {:>5} {:>7} {:>5}",
         "offered",
         "achieved",
         "deliv%",
@@ -378,13 +382,15 @@ pub fn print_steps(title: &str, idle: &Cpu, steps: &[StepReport]) {
         "gen",
         "inst",
         "brkr",
+        "busy",
+        "lagms",
         "ok"
     );
     for s in steps {
         let f = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
         let q = &s.latency;
         println!(
-            "{:>9.1} {:>9.0} {:>8.3} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>6.2} {:>6.2} {:>6.2} {:>5}",
+            "{:>9.1} {:>9.0} {:>8.3} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>6.2} {:>6.2} {:>6.2} {:>5.2} {:>7.1} {:>5}",
             s.offered_rate,
             s.achieved_send_rate,
             s.delivered_ratio * 100.0,
@@ -397,10 +403,15 @@ pub fn print_steps(title: &str, idle: &Cpu, steps: &[StepReport]) {
             s.cpu.generator_cores,
             s.cpu.instances_cores,
             s.cpu.broker_cores,
+            s.cpu.machine_busy,
+            s.generator_max_lag_ms,
             if s.ok { "yes" } else { "NO" }
         );
         if s.generator_bound {
-            println!("          ^ generator may be the bottleneck (send rate fell behind or it used much of a saturated machine)");
+            println!(
+                "          ^ generator-bound: its send rate fell behind, its scheduler lagged > 20 ms, or it used \
+                 much of a saturated machine"
+            );
         }
     }
 }
