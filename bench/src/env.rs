@@ -12,8 +12,42 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub type Res<T> = Result<T, String>;
 
+/// A loopback port to listen on: random in 20000..32768, below Linux's ephemeral range
+/// (32768–60999), so no outgoing connection of this run holds it, and bindable *without*
+/// SO_REUSEADDR. Mosquitto's websockets listener (libwebsockets) binds without it, so a port
+/// with a connection in TIME_WAIT on it fails there; after 10,000 idle connections close there
+/// are ~20,000 such connections, and an ephemeral port from `bind(:0)` (which std binds with
+/// SO_REUSEADDR) was often one of them.
 pub fn free_port() -> u16 {
+    for _ in 0..1000 {
+        let port = rand::random_range(20000..32768u16);
+        if bindable(port) {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("no free port")
+}
+
+/// Whether 127.0.0.1:`port` can be bound without SO_REUSEADDR right now.
+fn bindable(port: u16) -> bool {
+    // SAFETY: a socket we create, bind and close; the sockaddr is a plain struct we own.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return false;
+        }
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        addr.sin_port = port.to_be();
+        addr.sin_addr.s_addr = u32::from(Ipv4Addr::LOCALHOST).to_be();
+        let ok = libc::bind(
+            fd,
+            &addr as *const libc::sockaddr_in as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        ) == 0;
+        libc::close(fd);
+        ok
+    }
 }
 
 /// Kills the child when dropped (SIGTERM, then SIGKILL after a grace period).
