@@ -42,13 +42,19 @@ cargo clippy --all-targets -- -D warnings
 echo "test.sh: fuzz targets: cargo fmt --check, cargo clippy"
 cargo fmt --check --manifest-path fuzz/Cargo.toml
 cargo clippy --manifest-path fuzz/Cargo.toml --no-default-features --all-targets -- -D warnings
+# The benchmark tool is its own workspace too (bench/): formatted and linted the same way.
+echo "test.sh: bench crate: cargo fmt --check, cargo clippy"
+cargo fmt --check --manifest-path bench/Cargo.toml
+cargo clippy --manifest-path bench/Cargo.toml --all-targets -- -D warnings
 echo "test.sh: cargo test --release --all-targets --no-fail-fast"
 cargo test --release --all-targets --no-fail-fast
 # The benchmark tool keeps working: a tiny run of every scenario (well under 20 s) against its
-# own Mosquitto and fanout instances; it exits non-zero when a scenario fails or loses messages.
+# own Mosquitto and the fanout binary built here (target/release/fanout); it exits non-zero when
+# a scenario fails or loses messages.
 echo "test.sh: fanout-bench --smoke"
-cargo build --release --bins
-target/release/fanout-bench --smoke --out target/bench-smoke
+cargo build --release --bin fanout
+cargo build --release --manifest-path bench/Cargo.toml
+bench/target/release/fanout-bench --smoke --fanout target/release/fanout --out target/bench-smoke
 
 # ---- JavaScript client (clients/js) ------------------------------------------------------
 # Node is on every machine (>= 20). `npm ci` installs the dev dependencies (ws, typescript)

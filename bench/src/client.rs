@@ -1,133 +1,44 @@
-//! WebSocket clients of the generator: connect from a chosen loopback source address, wait for
-//! `connected`, then a writer task (fed by a channel) and a reader task that timestamps every
-//! `chat_message` it receives.
+//! fanout's WebSocket clients in the generator: connect from a chosen loopback source address,
+//! wait for `connected`, then a writer task (fed by a channel) and a reader task that timestamps
+//! every `chat_message` it receives.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
-use hdrhistogram::Histogram;
-use parking_lot::Mutex;
-use serde::Deserialize;
+use serde::Serialize;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
+use crate::stats::{classify, Inbound, Stats};
+
 pub type Ws = WebSocketStream<TcpStream>;
 
-pub fn new_hist() -> Histogram<u64> {
-    // Microseconds, 1 µs .. 120 s, 3 significant digits.
-    Histogram::new_with_bounds(1, 120_000_000, 3).expect("histogram bounds")
+/// The claims `fanout token` (`Verifier::mint`) signs: user, issued-at, expiry.
+#[derive(Serialize)]
+struct Claims<'a> {
+    sub: &'a str,
+    iat: u64,
+    exp: u64,
 }
 
-/// Counters of one measurement step; `step` tags messages so late ones from an earlier step
-/// are not counted in this one.
-pub struct Stats {
-    pub epoch: Instant,
-    pub step: AtomicU64,
-    pub hist: Mutex<Histogram<u64>>,
-    pub delivered: AtomicU64,
-    pub stale: AtomicU64,
-    pub acks: AtomicU64,
-    pub errors: AtomicU64,
-    pub closed: AtomicU64,
-}
-
-impl Stats {
-    pub fn new(epoch: Instant) -> Arc<Stats> {
-        Arc::new(Stats {
-            epoch,
-            step: AtomicU64::new(0),
-            hist: Mutex::new(new_hist()),
-            delivered: AtomicU64::new(0),
-            stale: AtomicU64::new(0),
-            acks: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
-            closed: AtomicU64::new(0),
+/// HS256 tokens for `users`, valid for four hours.
+pub fn tokens(secret: &str, users: &[String]) -> Result<Vec<String>, String> {
+    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()).map_err(|e| e.to_string())?;
+    let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    users
+        .iter()
+        .map(|u| {
+            let claims = Claims { sub: u, iat: now, exp: now + 4 * 3600 };
+            jsonwebtoken::encode(&header, &claims, &key).map_err(|e| e.to_string())
         })
-    }
-
-    pub fn now_us(&self) -> u64 {
-        self.epoch.elapsed().as_micros() as u64
-    }
-
-    /// Starts a new step: clears counters and the histogram.
-    pub fn reset(&self, step: u64) {
-        self.step.store(step, Relaxed);
-        self.hist.lock().reset();
-        for c in [&self.delivered, &self.stale, &self.acks, &self.errors] {
-            c.store(0, Relaxed);
-        }
-    }
-
-    /// Records one received message stamped `t_us` (scheduled send time) of step `step`.
-    pub fn record(&self, t_us: u64, step: u64) {
-        if step != self.step.load(Relaxed) {
-            self.stale.fetch_add(1, Relaxed);
-            return;
-        }
-        let lat = self.now_us().saturating_sub(t_us).max(1);
-        self.hist.lock().saturating_record(lat);
-        self.delivered.fetch_add(1, Relaxed);
-    }
-}
-
-/// The benchmark's payload inside `message`: scheduled send time (µs since the bench epoch),
-/// step and sequence number, padded with `p` to the requested size.
-#[derive(Deserialize)]
-pub struct Stamp {
-    pub t: u64,
-    pub r: u64,
-}
-
-#[derive(Deserialize)]
-struct Frame<'a> {
-    #[serde(borrow)]
-    event: &'a str,
-    data: Option<FrameData>,
-}
-
-#[derive(Deserialize)]
-struct FrameData {
-    message: Option<Stamp>,
-}
-
-pub enum Inbound {
-    Chat(Stamp),
-    Ack,
-    Error,
-    Connected,
-    Other,
-}
-
-pub fn classify(text: &str) -> Inbound {
-    match serde_json::from_str::<Frame>(text) {
-        Ok(f) => match f.event {
-            "chat_message" => match f.data.and_then(|d| d.message) {
-                Some(s) => Inbound::Chat(s),
-                None => Inbound::Other,
-            },
-            "ack" => Inbound::Ack,
-            "error" => Inbound::Error,
-            "connected" => Inbound::Connected,
-            _ => Inbound::Other,
-        },
-        Err(_) => Inbound::Other,
-    }
-}
-
-pub fn message_json(t_us: u64, step: u64, seq: u64, size: usize) -> String {
-    let head = format!("{{\"t\":{t_us},\"r\":{step},\"s\":{seq},\"p\":\"");
-    let pad = size.saturating_sub(head.len() + 2);
-    let mut s = String::with_capacity(head.len() + pad + 2);
-    s.push_str(&head);
-    s.extend(std::iter::repeat_n('x', pad));
-    s.push_str("\"}");
-    s
+        .collect()
 }
 
 pub fn chat_frame(to: &str, message: &str) -> String {
@@ -196,7 +107,7 @@ pub fn run(ws: Ws, stats: Arc<Stats>) -> Conn {
         while let Some(m) = stream.next().await {
             match m {
                 Ok(Message::Text(t)) => match classify(t.as_str()) {
-                    Inbound::Chat(s) => stats.record(s.t, s.r),
+                    Inbound::Chat(s) => stats.record(&s),
                     Inbound::Ack => {
                         stats.acks.fetch_add(1, Relaxed);
                     }

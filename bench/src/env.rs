@@ -12,8 +12,42 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub type Res<T> = Result<T, String>;
 
+/// A loopback port to listen on: random in 20000..32768, below Linux's ephemeral range
+/// (32768–60999), so no outgoing connection of this run holds it, and bindable *without*
+/// SO_REUSEADDR. Mosquitto's websockets listener (libwebsockets) binds without it, so a port
+/// with a connection in TIME_WAIT on it fails there; after 10,000 idle connections close there
+/// are ~20,000 such connections, and an ephemeral port from `bind(:0)` (which std binds with
+/// SO_REUSEADDR) was often one of them.
 pub fn free_port() -> u16 {
+    for _ in 0..1000 {
+        let port = rand::random_range(20000..32768u16);
+        if bindable(port) {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("no free port")
+}
+
+/// Whether 127.0.0.1:`port` can be bound without SO_REUSEADDR right now.
+fn bindable(port: u16) -> bool {
+    // SAFETY: a socket we create, bind and close; the sockaddr is a plain struct we own.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return false;
+        }
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        addr.sin_port = port.to_be();
+        addr.sin_addr.s_addr = u32::from(Ipv4Addr::LOCALHOST).to_be();
+        let ok = libc::bind(
+            fd,
+            &addr as *const libc::sockaddr_in as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        ) == 0;
+        libc::close(fd);
+        ok
+    }
 }
 
 /// Kills the child when dropped (SIGTERM, then SIGKILL after a grace period).
@@ -53,20 +87,44 @@ impl Drop for Proc {
 pub struct Broker {
     pub proc: Proc,
     pub port: u16,
+    /// Mosquitto's own `protocol websockets` listener (no-tier), when asked for.
+    pub ws_port: Option<u16>,
     pub log: PathBuf,
 }
 
-pub fn start_mosquitto(bin: &Path, dir: &Path) -> Res<Broker> {
+/// Starts Mosquitto on a free loopback port, and with `websockets` a second listener speaking
+/// MQTT over WebSocket (Mosquitto 2.0.11 refuses to start with a websockets listener alone).
+pub fn start_mosquitto(bin: &Path, dir: &Path, websockets: bool) -> Res<Broker> {
+    let mut attempt = 1;
+    loop {
+        match try_mosquitto(bin, dir, websockets) {
+            Ok(b) => return Ok(b),
+            // Exited at once: a free port was taken in between by another process.
+            Err((true, _)) if attempt < 3 => attempt += 1,
+            Err((_, e)) => return Err(e),
+        }
+    }
+}
+
+/// One attempt; the error says whether Mosquitto exited (worth another try on other ports).
+fn try_mosquitto(bin: &Path, dir: &Path, websockets: bool) -> Result<Broker, (bool, String)> {
     let port = free_port();
+    let ws_port = websockets.then(free_port);
     let log = dir.join("mosquitto.log");
+    // Mosquitto appends to its log: a rerun into the same --out would count the previous
+    // run's SUBSCRIBE/UNSUBSCRIBE lines too.
+    let _ = std::fs::remove_file(&log);
     let conf = dir.join("mosquitto.conf");
-    let text = format!(
+    let mut text = format!(
         "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence false\n\
          set_tcp_nodelay true\nmax_queued_messages 100000\nlog_dest file {}\nlog_type error\n\
          log_type warning\nlog_type notice\nlog_type subscribe\nlog_type unsubscribe\n",
         log.display()
     );
-    std::fs::write(&conf, text).map_err(|e| format!("write {}: {e}", conf.display()))?;
+    if let Some(ws) = ws_port {
+        text.push_str(&format!("listener {ws} 127.0.0.1\nprotocol websockets\n"));
+    }
+    std::fs::write(&conf, text).map_err(|e| (false, format!("write {}: {e}", conf.display())))?;
     let child = Command::new(bin)
         .arg("-c")
         .arg(&conf)
@@ -74,16 +132,20 @@ pub fn start_mosquitto(bin: &Path, dir: &Path) -> Res<Broker> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| format!("cannot start {}: {e} (apt-get install mosquitto)", bin.display()))?;
-    let proc = Proc { child };
+        .map_err(|e| (false, format!("cannot start {}: {e} (apt-get install mosquitto)", bin.display())))?;
+    let mut proc = Proc { child };
     let until = Instant::now() + Duration::from_secs(5);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > until {
-            return Err(format!("mosquitto did not listen on {port}; see {}", log.display()));
+    for p in std::iter::once(port).chain(ws_port) {
+        while std::net::TcpStream::connect(("127.0.0.1", p)).is_err() {
+            let exited = matches!(proc.child.try_wait(), Ok(Some(_)));
+            if exited || Instant::now() > until {
+                let why = if exited { "exited" } else { "did not listen" };
+                return Err((exited, format!("mosquitto {why} on {p}; see {}", log.display())));
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(Broker { proc, port, log })
+    Ok(Broker { proc, port, ws_port, log })
 }
 
 pub struct Instance {
@@ -92,55 +154,74 @@ pub struct Instance {
     pub id: String,
 }
 
-pub fn fanout_binary() -> Res<PathBuf> {
-    let me = std::env::current_exe().map_err(|e| e.to_string())?;
-    let p = me.parent().ok_or("no exe dir")?.join("fanout");
-    if p.exists() {
-        Ok(p)
-    } else {
-        Err(format!("{} not found: build both binaries (cargo build --release)", p.display()))
+/// The fanout binary under test: `--fanout PATH`, or the repository's `target/release/fanout`.
+pub fn fanout_binary(given: Option<&Path>) -> Res<PathBuf> {
+    let p = match given {
+        Some(p) => p.to_path_buf(),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/fanout"),
+    };
+    match p.canonicalize() {
+        Ok(p) if p.is_file() => Ok(p),
+        _ => Err(format!(
+            "{} not found: build it (cargo build --release --bin fanout at the repository root) or pass --fanout PATH",
+            p.display()
+        )),
     }
 }
 
-pub async fn start_instances(
-    bin: &Path,
-    dir: &Path,
-    broker_port: u16,
-    count: usize,
-    secret: &str,
-    threads: Option<usize>,
-) -> Res<Vec<Instance>> {
+/// How the instances under test are started.
+pub struct InstanceArgs<'a> {
+    pub bin: &'a Path,
+    pub dir: &'a Path,
+    pub broker_port: u16,
+    pub secret: &'a str,
+    pub threads: Option<usize>,
+}
+
+fn spawn_instance(a: &InstanceArgs, id: &str) -> Res<Instance> {
+    let port = free_port();
+    let log = std::fs::File::create(a.dir.join(format!("{id}.log"))).map_err(|e| e.to_string())?;
+    let mut cmd = Command::new(a.bin);
+    cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    if let Some(t) = a.threads {
+        cmd.args(["--worker-threads", &t.to_string()]);
+    }
+    let child = cmd
+        .args(["--mqtt-url", &format!("mqtt://127.0.0.1:{}", a.broker_port)])
+        .args(["--instance-id", id, "--jwt-secret", a.secret])
+        .args(["--rate-limit", "100000", "--rate-burst", "100000"])
+        .args(["--max-connections", "1000000", "--publish-queue-bytes", "1GiB"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", a.bin.display()))?;
+    Ok(Instance { proc: Proc { child }, port, id: id.to_string() })
+}
+
+/// Starts `count` instances and waits until each answers `/readyz` with 200. An instance that
+/// exits first (its free port was taken in between by another process on this shared machine)
+/// is started again on another port, three times at most.
+pub async fn start_instances(a: &InstanceArgs<'_>, count: usize) -> Res<Vec<Instance>> {
     let mut out = Vec::new();
     for i in 0..count {
-        let port = free_port();
-        let id = format!("bench-{i}");
-        let log = std::fs::File::create(dir.join(format!("{id}.log"))).map_err(|e| e.to_string())?;
-        let mut cmd = Command::new(bin);
-        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")]);
-        if let Some(t) = threads {
-            cmd.args(["--worker-threads", &t.to_string()]);
-        }
-        let child = cmd
-            .args(["--mqtt-url", &format!("mqtt://127.0.0.1:{broker_port}")])
-            .args(["--instance-id", &id, "--jwt-secret", secret])
-            .args(["--rate-limit", "100000", "--rate-burst", "100000"])
-            .args(["--max-connections", "1000000", "--publish-queue-bytes", "1GiB"])
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
-        out.push(Instance { proc: Proc { child }, port, id });
+        out.push(spawn_instance(a, &format!("bench-{i}"))?);
     }
     for inst in &mut out {
+        let mut attempts = 1;
         let until = Instant::now() + Duration::from_secs(15);
         loop {
             if let Ok((200, _)) = http_get(inst.port, "/readyz").await {
                 break;
             }
             if let Ok(Some(st)) = inst.proc.child.try_wait() {
-                return Err(format!("instance {} exited ({st}); see {}/{}.log", inst.id, dir.display(), inst.id));
+                if attempts == 3 {
+                    return Err(format!("instance {} exited ({st}); see {}/{}.log", inst.id, a.dir.display(), inst.id));
+                }
+                attempts += 1;
+                *inst = spawn_instance(a, &inst.id)?;
+                continue;
             }
             if Instant::now() > until {
                 return Err(format!("instance {} not ready after 15 s", inst.id));
