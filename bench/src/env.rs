@@ -92,6 +92,43 @@ pub struct Broker {
     pub log: PathBuf,
 }
 
+impl Broker {
+    /// Kills the broker (an abrupt outage for every client) and starts it again on the same
+    /// port with the same config; returns once it listens. Without persistence it comes back
+    /// empty: no sessions, no subscriptions.
+    pub fn restart(&mut self, bin: &Path) -> Res<()> {
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
+        let conf = self.log.with_file_name("mosquitto.conf");
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let child = Command::new(bin)
+                .arg("-c")
+                .arg(&conf)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+            self.proc = Proc { child };
+            while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+                if matches!(self.proc.child.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                if Instant::now() > until {
+                    return Err(format!("mosquitto did not listen again on {}", self.port));
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            if matches!(self.proc.child.try_wait(), Ok(None)) {
+                return Ok(());
+            }
+            // The port was still held for a moment: try again.
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 /// Starts Mosquitto on a free loopback port, and with `websockets` a second listener speaking
 /// MQTT over WebSocket (Mosquitto 2.0.11 refuses to start with a websockets listener alone).
 pub fn start_mosquitto(bin: &Path, dir: &Path, websockets: bool) -> Res<Broker> {

@@ -47,6 +47,9 @@ enum Scenario {
     FanoutAmplification,
     /// connect/disconnect at a fixed rate with messages flowing
     Churn,
+    /// the broker killed and restarted under one instance holding N users (--storm-users):
+    /// time until the instance is ready and a message flows again
+    RestartStorm,
     /// every scenario
     All,
 }
@@ -61,6 +64,7 @@ enum Job {
     Idle,
     FanoutAmplification,
     Churn,
+    RestartStorm,
 }
 
 impl Job {
@@ -73,6 +77,7 @@ impl Job {
             Job::Idle => "idle",
             Job::FanoutAmplification => "fanout-amplification",
             Job::Churn => "churn",
+            Job::RestartStorm => "restart-storm",
         }
     }
 }
@@ -116,6 +121,9 @@ struct Cli {
     /// keep sweeping after a step misses p99 < 50 ms or loses messages
     #[arg(long)]
     no_stop_on_fail: bool,
+    /// users on the one instance for each restart-storm run, comma-separated
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000,19000")]
+    storm_users: Vec<usize>,
     /// skip broker-floor when running direct
     #[arg(long)]
     no_floor: bool,
@@ -196,6 +204,8 @@ pub struct Opts {
     pub fanout: PathBuf,
     pub instance_threads: Option<usize>,
     pub out: PathBuf,
+    /// users on the instance for each restart-storm run
+    pub storm_users: Vec<usize>,
 }
 
 fn main() -> ExitCode {
@@ -284,6 +294,7 @@ fn plan(cli: &Cli, mem_connections: usize) -> Vec<Job> {
             Scenario::Idle => jobs.push(Job::Idle),
             Scenario::FanoutAmplification => jobs.push(Job::FanoutAmplification),
             Scenario::Churn => jobs.push(Job::Churn),
+            Scenario::RestartStorm => jobs.push(Job::RestartStorm),
             _ => {}
         }
     }
@@ -304,6 +315,7 @@ async fn run_job(job: Job, opts: &Opts, rates: &[f64]) -> Result<Section, String
         Job::Idle => Section::Idle(scenarios::idle(opts).await?),
         Job::FanoutAmplification => Section::FanoutAmplification(scenarios::amplification(opts).await?),
         Job::Churn => Section::Churn(scenarios::churn(opts).await?),
+        Job::RestartStorm => Section::RestartStorm(scenarios::restart_storm(opts, &opts.storm_users).await?),
     })
 }
 
@@ -338,6 +350,7 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool, String> {
         fanout: env::fanout_binary(cli.fanout.as_deref())?,
         instance_threads: cli.instance_threads,
         out: cli.out.clone(),
+        storm_users: cli.storm_users.clone(),
     };
     let mut rates = cli.rates.clone();
     let mut compare_at = cli.compare_at.clone();

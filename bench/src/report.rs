@@ -57,6 +57,7 @@ pub enum Section {
     Idle(Idle),
     FanoutAmplification(Amplification),
     Churn(Churn),
+    RestartStorm(RestartStorm),
 }
 
 impl Section {
@@ -70,8 +71,25 @@ impl Section {
             Section::Idle(_) => "idle",
             Section::FanoutAmplification(_) => "fanout-amplification",
             Section::Churn(_) => "churn",
+            Section::RestartStorm(_) => "restart-storm",
         }
     }
+}
+
+/// `restart-storm`: the broker restarted under one instance holding N users.
+#[derive(Serialize)]
+pub struct RestartStorm {
+    pub rows: Vec<RestartRow>,
+}
+
+#[derive(Serialize)]
+pub struct RestartRow {
+    pub users: usize,
+    /// From the broker listening again to the instance's `/readyz` 200 (every user subscribed).
+    pub ready_ms: f64,
+    /// From the broker listening again to a message sent then reaching its recipient.
+    pub delivered_ms: f64,
+    pub resubscribed_per_sec: f64,
 }
 
 /// CPU used during a step, in cores (CPU seconds per wall second), and the machine's busy share.

@@ -31,6 +31,9 @@ pub fn failures(report: &Report, expected: &[&str]) -> Vec<String> {
                     step(&mut check, name, st, st.sent);
                 }
             }
+            Section::RestartStorm(r) => {
+                check(!r.rows.is_empty(), format!("{name}: no runs"));
+            }
             Section::IdleMemory(m) => {
                 check(
                     m.connected == m.connections as f64,

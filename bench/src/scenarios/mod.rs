@@ -10,6 +10,7 @@ mod floor;
 mod idle;
 pub mod memory;
 mod no_tier;
+mod restart;
 
 pub use amplification::amplification;
 pub use churn::churn;
@@ -17,6 +18,7 @@ pub use direct::direct;
 pub use floor::broker_floor;
 pub use idle::idle;
 pub use no_tier::no_tier;
+pub use restart::restart_storm;
 
 use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
