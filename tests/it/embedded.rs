@@ -1,14 +1,12 @@
 //! The default run: no --mqtt-url, the embedded broker carries the traffic.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_broker_delivers_between_users_and_accepts_mosquitto_pub() {
-    let inst = Instance::start(InstanceOpts::default()).await;
-    let mqtt_port = inst.embedded_mqtt_port.expect("embedded broker port");
+    let mqtt_port = free_port();
+    let inst = Instance::start(InstanceOpts { embedded_mqtt_port: Some(mqtt_port), ..Default::default() }).await;
     let mut alice = inst.connect("alice").await;
     let mut bob = inst.connect("bob").await;
 
@@ -22,6 +20,6 @@ async fn embedded_broker_delivers_between_users_and_accepts_mosquitto_pub() {
     assert_eq!(alice.expect_event("chat_message").await["message"], json!("back"));
 
     // The embedded broker is reachable by ordinary MQTT clients.
-    mosquitto_pub(mqtt_port, "msg/alice", PubPayload::Text("hi from mosquitto_pub"));
+    crate::support::mosquitto::mosquitto_pub(mqtt_port, "msg/alice", b"hi from mosquitto_pub");
     assert_eq!(alice.recv_text().await, "hi from mosquitto_pub");
 }

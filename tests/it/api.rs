@@ -2,85 +2,22 @@
 //! across instances with the WebSocket envelope, every refusal (401, 400, 404, 503), and the
 //! OpenAPI document compared with the routes the server answers.
 
-mod common;
-#[path = "support/dev.rs"]
-mod dev;
-
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const KEY: &str = "api-key-for-integration-tests";
 
-/// One HTTP/1.1 request with `Connection: close`; the body is sent with Content-Length, or
-/// chunked when `chunked` (no length up front, so the server must cap while reading).
-async fn request(
-    port: u16,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-    chunked: bool,
-) -> HttpResponse {
-    tokio::time::timeout(Duration::from_secs(10), async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
-        for (k, v) in headers {
-            head.push_str(&format!("{k}: {v}\r\n"));
-        }
-        if chunked {
-            head.push_str("Transfer-Encoding: chunked\r\n\r\n");
-        } else {
-            head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
-        }
-        s.write_all(head.as_bytes()).await.unwrap();
-        // The server may answer (400) and close before reading all of a too-large body.
-        if chunked {
-            for c in body.chunks(8192) {
-                if s.write_all(format!("{:x}\r\n", c.len()).as_bytes()).await.is_err()
-                    || s.write_all(c).await.is_err()
-                    || s.write_all(b"\r\n").await.is_err()
-                {
-                    break;
-                }
-            }
-            let _ = s.write_all(b"0\r\n\r\n").await;
-        } else {
-            let _ = s.write_all(body).await;
-        }
-        let mut buf = Vec::new();
-        let _ = s.read_to_end(&mut buf).await;
-        let text = String::from_utf8_lossy(&buf).to_string();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no response head: {text:?}"));
-        let mut lines = head.split("\r\n");
-        let status = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
-        let headers = lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-            .collect();
-        HttpResponse { status, headers, body: body.to_string() }
-    })
-    .await
-    .expect("HTTP request timed out")
-}
-
-async fn publish(port: u16, body: &str) -> HttpResponse {
+async fn publish(inst: &Instance, body: &str) -> HttpResponse {
     let auth = format!("Bearer {KEY}");
-    request(
-        port,
+    inst.http(
         "POST",
         "/api/publish",
         &[("Authorization", &auth), ("Content-Type", "application/json")],
         body.as_bytes(),
-        false,
     )
     .await
-}
-
-fn json_of(r: &HttpResponse) -> Value {
-    serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {r:?}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -99,10 +36,10 @@ async fn publish_reaches_one_many_and_everyone_with_the_websocket_envelope() {
     let ws_env = cb.expect_event("chat_message").await;
 
     // One recipient, on the other instance.
-    let r = publish(a.port, &json!({"to": bob, "message": {"text": "hi bob"}}).to_string()).await;
+    let r = publish(&a, &json!({"to": bob, "message": {"text": "hi bob"}}).to_string()).await;
     assert_eq!(r.status, 202, "{r:?}");
     assert_eq!(r.header("content-type"), Some("application/json"));
-    let id = json_of(&r)["id"].as_str().expect("202 carries the id").to_string();
+    let id = r.json()["id"].as_str().expect("202 carries the id").to_string();
     let got = cb.expect_event("chat_message").await;
     assert_eq!(got["id"], json!(id), "{got}");
     assert_eq!(got["from"], json!("system"), "default from: {got}");
@@ -119,26 +56,25 @@ async fn publish_reaches_one_many_and_everyone_with_the_websocket_envelope() {
 
     // A list (duplicates folded, order kept) with a custom sender, across both instances.
     let r =
-        publish(a.port, &json!({"to": [bob, carol, bob], "message": "invoice ready", "from": "billing"}).to_string())
-            .await;
+        publish(&a, &json!({"to": [bob, carol, bob], "message": "invoice ready", "from": "billing"}).to_string()).await;
     assert_eq!(r.status, 202, "{r:?}");
-    let id = json_of(&r)["id"].clone();
+    let id = r.json()["id"].clone();
     for c in [&mut cb, &mut cc] {
         let got = c.expect_event("chat_message").await;
         assert_eq!((&got["id"], &got["from"], &got["to"]), (&id, &json!("billing"), &json!([bob, carol])), "{got}");
     }
 
     // Everyone, on every instance.
-    let r = publish(a.port, &json!({"broadcast": true, "message": "maintenance at 5"}).to_string()).await;
+    let r = publish(&a, &json!({"broadcast": true, "message": "maintenance at 5"}).to_string()).await;
     assert_eq!(r.status, 202, "{r:?}");
-    let id = json_of(&r)["id"].clone();
+    let id = r.json()["id"].clone();
     for c in [&mut ca, &mut cb, &mut cc, &mut cd] {
         let got = c.expect_event("chat_message").await;
         assert_eq!((&got["id"], &got["to"], &got["message"]), (&id, &Value::Null, &json!("maintenance at 5")), "{got}");
     }
     // Each exactly once.
-    for c in [&mut ca, &mut cb, &mut cc, &mut cd] {
-        c.expect_silence(Duration::from_millis(300)).await;
+    for (who, c) in [("alice", &mut ca), ("bob", &mut cb), ("carol", &mut cc), ("dave", &mut cd)] {
+        c.expect_silence(Duration::from_millis(300), who).await;
     }
     assert_eq!(a.metric("fanout_api_publish_requests_total{result=\"accepted\"}").await, Some(3.0));
     assert_eq!(a.metric("fanout_messages_in_total{source=\"api\"}").await, Some(3.0));
@@ -165,9 +101,9 @@ async fn refusals_401_400_and_404_never_reach_the_broker() {
         ("key without scheme", Some(KEY.to_string())),
     ] {
         let h: Vec<(&str, &str)> = auth.as_deref().map(|v| vec![("Authorization", v)]).unwrap_or_default();
-        let r = request(a.port, "POST", "/api/publish", &h, body.as_bytes(), false).await;
+        let r = a.http("POST", "/api/publish", &h, body.as_bytes()).await;
         assert_eq!(r.status, 401, "{what}: {r:?}");
-        assert_eq!(json_of(&r)["error"], json!("unauthorized"), "{what}");
+        assert_eq!(r.json()["error"], json!("unauthorized"), "{what}");
         assert_eq!(r.header("www-authenticate"), Some("Bearer"), "{what}");
     }
 
@@ -186,19 +122,20 @@ async fn refusals_401_400_and_404_never_reach_the_broker() {
         (json!({"to": "bob", "message": "x", "from": "a+b"}).to_string(), "invalid user id in \"from\""),
         (big.clone(), "larger than 4096 bytes"),
     ] {
-        let r = publish(a.port, &body).await;
+        let r = publish(&a, &body).await;
         assert_eq!(r.status, 400, "{body:.80}: {r:?}");
-        let v = json_of(&r);
+        let v = r.json();
         assert_eq!(v["error"], json!("bad_request"), "{v}");
         assert!(v["message"].as_str().unwrap().contains(says), "{body:.80}: expected {says:?} in {v}");
     }
     // Too large without a Content-Length: the cap holds while reading.
     let auth = format!("Bearer {KEY}");
-    let r = request(a.port, "POST", "/api/publish", &[("Authorization", &auth)], big.as_bytes(), true).await;
+    let chunked = [("Authorization", auth.as_str()), ("Transfer-Encoding", "chunked")];
+    let r = a.http("POST", "/api/publish", &chunked, big.as_bytes()).await;
     assert_eq!(r.status, 400, "chunked: {r:?}");
     assert!(r.body.contains("larger than 4096 bytes"), "{r:?}");
     // A chunked body under the cap is fine.
-    let r = request(a.port, "POST", "/api/publish", &[("Authorization", &auth)], body.as_bytes(), true).await;
+    let r = a.http("POST", "/api/publish", &chunked, body.as_bytes()).await;
     assert_eq!(r.status, 202, "small chunked body: {r:?}");
 
     // Every request was answered; once the publish queue is empty, everything accepted has its
@@ -210,7 +147,7 @@ async fn refusals_401_400_and_404_never_reach_the_broker() {
 
     // Without --api-key the route does not exist.
     let off = Instance::start(InstanceOpts::broker(&m)).await;
-    let r = request(off.port, "POST", "/api/publish", &[("Authorization", &auth)], body.as_bytes(), false).await;
+    let r = off.http("POST", "/api/publish", &[("Authorization", &auth)], body.as_bytes()).await;
     assert_eq!(r.status, 404, "{r:?}");
     assert!(r.body.contains("--api-key"), "says how to turn it on: {r:?}");
 }
@@ -223,16 +160,16 @@ async fn publish_answers_503_while_the_broker_link_is_down() {
     let body = json!({"to": bob, "message": "x"}).to_string();
     m.stop();
     assert_eq!(a.wait_metric("fanout_mqtt_connected", |v| v == 0.0, Duration::from_secs(10)).await, 0.0);
-    let r = publish(a.port, &body).await;
+    let r = publish(&a, &body).await;
     assert_eq!(r.status, 503, "{r:?}");
-    assert_eq!(json_of(&r)["error"], json!("unavailable"));
+    assert_eq!(r.json()["error"], json!("unavailable"));
     assert_eq!(a.metric("fanout_api_publish_requests_total{result=\"unavailable\"}").await, Some(1.0));
     m.restart();
     assert_eq!(a.wait_metric("fanout_ready", |v| v == 1.0, Duration::from_secs(15)).await, 1.0);
     let mut cb = a.connect(&bob).await;
-    let r = publish(a.port, &body).await;
+    let r = publish(&a, &body).await;
     assert_eq!(r.status, 202, "{r:?}");
-    assert_eq!(cb.expect_event("chat_message").await["id"], json_of(&r)["id"]);
+    assert_eq!(cb.expect_event("chat_message").await["id"], r.json()["id"]);
 }
 
 /// `(METHOD, path)` pairs of docs/openapi.json.
@@ -249,7 +186,7 @@ fn documented_routes(doc: &Value) -> Vec<(String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openapi_paths_are_exactly_the_routes_the_server_answers() {
-    let repo_doc = include_str!("../docs/openapi.json");
+    let repo_doc = include_str!("../../docs/openapi.json");
     let doc: Value = serde_json::from_str(repo_doc).expect("docs/openapi.json is JSON");
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "OpenAPI 3");
     let documented = documented_routes(&doc);
@@ -257,8 +194,8 @@ async fn openapi_paths_are_exactly_the_routes_the_server_answers() {
     // Every route exists on a development instance with --api-key (the dev token route only
     // exists there).
     let m = Mosquitto::start();
-    let d = dev::DevInstance::start(&m.url(), &["--api-key", KEY]).await;
-    let served = http_get(d.port, "/api/openapi.json").await.unwrap();
+    let d = Instance::start(InstanceOpts::broker(&m).dev_secret().args(["--api-key", KEY])).await;
+    let served = get(d.port, "/api/openapi.json").await.unwrap();
     assert_eq!(served.status, 200);
     assert_eq!(served.body, repo_doc, "the server serves the repository's file as is");
 
@@ -269,7 +206,7 @@ async fn openapi_paths_are_exactly_the_routes_the_server_answers() {
         for method in methods {
             let query = if path.as_str() == "/dev/token" { "?user=alice" } else { "" };
             let body: &[u8] = if path.as_str() == "/api/publish" { br#"{"to":"bob","message":"x"}"# } else { b"" };
-            let r = request(d.port, method, &format!("{path}{query}"), &[("Authorization", &auth)], body, false).await;
+            let r = d.http(method, &format!("{path}{query}"), &[("Authorization", &auth)], body).await;
             let is_doc = documented.contains(&(method.to_string(), path.to_string()));
             if is_doc {
                 assert!(
@@ -292,11 +229,11 @@ async fn openapi_paths_are_exactly_the_routes_the_server_answers() {
     // lists the same routes.
     for path in ["/nope", "/api", "/api/publish/x", "/dev", "/index.html"] {
         for method in methods {
-            let r = request(d.port, method, path, &[("Authorization", &auth)], b"", false).await;
+            let r = d.http(method, path, &[("Authorization", &auth)], b"").await;
             assert_eq!(r.status, 404, "{method} {path}: {r:?}");
         }
     }
-    let readme = include_str!("../README.md");
+    let readme = include_str!("../../README.md");
     let mut in_readme: Vec<(String, String)> = readme
         .split("## HTTP")
         .nth(1)
@@ -314,18 +251,18 @@ async fn openapi_paths_are_exactly_the_routes_the_server_answers() {
 
     // With a real secret the dev token route does not exist.
     let a = Instance::start(InstanceOpts::broker(&m)).await;
-    let r = request(a.port, "POST", "/dev/token?user=alice", &[], b"", false).await;
+    let r = a.http("POST", "/dev/token?user=alice", &[], b"").await;
     assert_eq!(r.status, 404, "{r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_token_route_mints_tokens_the_instance_accepts() {
     let m = Mosquitto::start();
-    let d = dev::DevInstance::start(&m.url(), &[]).await;
+    let d = Instance::start(InstanceOpts::broker(&m).dev_secret()).await;
     let user = unique("u-");
-    let r = request(d.port, "POST", &format!("/dev/token?user={user}&scope=broadcast&ttl=10m"), &[], b"", false).await;
+    let r = d.http("POST", &format!("/dev/token?user={user}&scope=broadcast&ttl=10m"), &[], b"").await;
     assert_eq!(r.status, 200, "{r:?}");
-    let v = json_of(&r);
+    let v = r.json();
     assert_eq!(v["userId"], json!(user));
     let exp = v["expiresAt"].as_u64().unwrap();
     assert!(exp.abs_diff(now_secs() + 600) <= 2, "{v}");
@@ -339,7 +276,7 @@ async fn dev_token_route_mints_tokens_the_instance_accepts() {
     assert_eq!(out.status.code(), Some(0), "{said}");
     assert!(said.contains("broadcast scope: yes"), "{said}");
     for (q, says) in [("", "?user="), ("?user=a%2Fb", "invalid user id"), ("?user=a&ttl=forever", "ttl")] {
-        let r = request(d.port, "POST", &format!("/dev/token{q}"), &[], b"", false).await;
+        let r = d.http("POST", &format!("/dev/token{q}"), &[], b"").await;
         assert_eq!(r.status, 400, "{q}: {r:?}");
         assert!(r.body.contains(says), "{q}: {r:?}");
     }

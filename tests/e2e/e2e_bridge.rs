@@ -4,14 +4,11 @@
 //! duplicated by the bridge (checked per instance on `fanout_messages_in_total{source="mqtt"}`,
 //! which counts what the broker delivered before fanout's own de-duplication).
 
-mod common;
-
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 use serde_json::{json, Value};
 
 const MQTT_IN: &str = "fanout_messages_in_total{source=\"mqtt\"}";
@@ -21,93 +18,20 @@ fn repo_file(rel: &str) -> String {
     fs::read_to_string(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
 }
 
-/// A Mosquitto from the project's mosquitto/mosquitto.conf (listener moved to a free loopback
-/// port), optionally with the bridge example appended. Killed on drop.
-struct Broker {
-    child: Child,
-    dir: tempfile::TempDir,
-    port: u16,
-    name: &'static str,
-}
-
-impl Broker {
-    fn start(name: &'static str, bridge_to: Option<u16>) -> Broker {
-        let mut last = String::new();
-        for _attempt in 0..5 {
-            let dir = tempfile::tempdir().unwrap();
-            let port = free_port();
-            let mut conf: String = repo_file("mosquitto/mosquitto.conf")
-                .lines()
-                .map(|l| if l.starts_with("listener ") { format!("listener {port} 127.0.0.1") } else { l.to_string() })
-                .collect::<Vec<_>>()
-                .join("\n");
-            if let Some(core) = bridge_to {
-                conf.push_str("\n\n");
-                for l in repo_file("mosquitto/bridge.conf.example").lines() {
-                    if l.starts_with("address ") {
-                        conf.push_str(&format!("address 127.0.0.1:{core}\n"));
-                    } else {
-                        conf.push_str(l);
-                        conf.push('\n');
-                    }
-                }
-            }
-            fs::write(dir.path().join("mosquitto.conf"), &conf).unwrap();
-            let log = fs::File::create(dir.path().join("mosquitto.log")).unwrap();
-            let mut child = Command::new(mosquitto_bin())
-                .arg("-c")
-                .arg(dir.path().join("mosquitto.conf"))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("spawn mosquitto");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return Broker { child, dir, port, name };
-                }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            last = fs::read_to_string(dir.path().join("mosquitto.log")).unwrap_or_default();
-        }
-        panic!("mosquitto {name} did not start; log:\n{last}");
-    }
-
-    fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("---- mosquitto {} (port {}) ----\n{}", self.name, self.port, self.log());
+/// A Mosquitto from the project's mosquitto/mosquitto.conf, optionally with the bridge example
+/// (its `address` pointed at broker `bridge_to`) appended.
+fn broker(bridge_to: Option<&Mosquitto>) -> Mosquitto {
+    let mut conf = repo_file("mosquitto/mosquitto.conf");
+    if let Some(core) = bridge_to {
+        conf.push('\n');
+        for l in repo_file("mosquitto/bridge.conf.example").lines() {
+            let l =
+                if l.starts_with("address ") { format!("address 127.0.0.1:{}", core.port()) } else { l.to_string() };
+            conf.push_str(&l);
+            conf.push('\n');
         }
     }
-}
-
-fn mosquitto_bin() -> PathBuf {
-    ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto"]
-        .iter()
-        .map(Path::new)
-        .find(|p| p.exists())
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("mosquitto"))
+    Mosquitto::with_config(&conf)
 }
 
 /// Receives exactly `n` JSON frames (any order of events).
@@ -134,16 +58,17 @@ fn one_chat<'a>(v: &'a [Value], who: &str) -> &'a Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bridged_brokers_deliver_across_once_including_multi_device_and_broadcast() {
-    let core = Broker::start("A (core)", None);
-    let edge = Broker::start("B (edge, bridge to A)", Some(core.port));
+    let core = broker(None);
+    let edge = broker(Some(&core));
     // The bridge is up when A has seen its subscriptions to msg/# and broadcast.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !(core.log().contains("bridge-b-to-a 1 msg/#") && core.log().contains("bridge-b-to-a 1 broadcast")) {
-        assert!(Instant::now() < deadline, "bridge did not subscribe on A;\nA:\n{}\nB:\n{}", core.log(), edge.log());
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let bridged = |m: &Mosquitto| ["msg/#", "broadcast"].iter().all(|t| m.subscribe_count("bridge-b-to-a", t) >= 1);
+    assert!(
+        core.wait_for_log(bridged, Duration::from_secs(15)).await,
+        "bridge did not subscribe on A;\nB:\n{}",
+        edge.log()
+    );
 
-    let on = |b: &Broker| InstanceOpts { mqtt_url: Some(b.url()), ..Default::default() };
+    let on = InstanceOpts::broker;
     let (a1, a2, b1, b2) = tokio::join!(
         Instance::start(on(&core)),
         Instance::start(on(&core)),
@@ -211,11 +136,7 @@ async fn bridged_brokers_deliver_across_once_including_multi_device_and_broadcas
     }
 
     // 6. An operator injects on broker A for dave, who is only on broker B.
-    mosquitto_pub(
-        core.port,
-        "msg/dave",
-        PubPayload::Text(r#"{"event":"chat_message","data":{"from":"ops","message":"injected on A"}}"#),
-    );
+    core.publish_text("msg/dave", r#"{"event":"chat_message","data":{"from":"ops","message":"injected on A"}}"#);
     assert_eq!(dave.expect_event("chat_message").await["message"], json!("injected on A"));
 
     // Exactly one copy per (message, instance holding a recipient) came out of the brokers:
@@ -236,9 +157,7 @@ async fn bridged_brokers_deliver_across_once_including_multi_device_and_broadcas
         ("dave", &mut dave),
         ("erin", &mut erin),
     ] {
-        if let Some(m) = c.recv_timeout(quiet).await {
-            panic!("{who}: unexpected extra frame {m:?}");
-        }
+        c.expect_silence(quiet, who).await;
     }
     for (name, inst, n) in want {
         assert_eq!(inst.metric_or_zero(MQTT_IN).await, n, "{name}: {MQTT_IN} after the quiet period");

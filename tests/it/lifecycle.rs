@@ -1,10 +1,8 @@
 //! Subscription lifecycle, token expiry, health endpoints and metrics, broker restarts.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,8 +67,8 @@ async fn expiring_token_is_closed_with_4001() {
 async fn health_endpoints_and_every_metric_series() {
     let m = Mosquitto::start();
     let inst = Instance::start(InstanceOpts::broker(&m)).await;
-    assert_eq!(http_get(inst.port, "/healthz").await.unwrap().status, 200);
-    assert_eq!(http_get(inst.port, "/readyz").await.unwrap().status, 200);
+    assert_eq!(get(inst.port, "/healthz").await.unwrap().status, 200);
+    assert_eq!(get(inst.port, "/readyz").await.unwrap().status, 200);
 
     // Some traffic so that labelled counters have samples.
     let mut alice = inst.connect("alice").await;
@@ -130,14 +128,14 @@ async fn broker_outage_turns_readyz_503_refuses_with_1013_and_loses_nothing() {
     m.stop();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let r = http_get(inst.port, "/readyz").await.expect("readyz");
+        let r = get(inst.port, "/readyz").await.expect("readyz");
         if r.status == 503 {
             break;
         }
         assert!(Instant::now() < deadline, "/readyz stayed {} with the broker down", r.status);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(http_get(inst.port, "/healthz").await.unwrap().status, 200, "healthz while broker down");
+    assert_eq!(get(inst.port, "/healthz").await.unwrap().status, 200, "healthz while broker down");
 
     // A message sent while the broker is away is acked (and sent later) or refused with
     // `unavailable` (and never sent); it is not silently lost.
@@ -177,7 +175,7 @@ async fn broker_outage_turns_readyz_503_refuses_with_1013_and_loses_nothing() {
     m.restart();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let r = http_get(inst.port, "/readyz").await.expect("readyz");
+        let r = get(inst.port, "/readyz").await.expect("readyz");
         if r.status == 200 {
             break;
         }

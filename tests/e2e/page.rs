@@ -5,16 +5,12 @@
 //! when its instance shuts down. A screenshot is saved as a test artifact:
 //! target/artifacts/chat.png.
 
-mod common;
-#[path = "support/dev.rs"]
-mod dev;
-
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::browser::{Browser, Page};
-use common::stack::Stack;
-use common::*;
+use crate::browser::{Browser, Page};
+use crate::stack::Stack;
+use crate::support::*;
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -132,7 +128,7 @@ async fn two_chat_pages_on_two_instances_talk_to_each_other() {
 
     // Instance b shuts down: bob's page says what 1001 means.
     let mut b = b;
-    assert!(b.terminate(Duration::from_secs(15)).is_some_and(|s| s.success()));
+    assert!(b.terminate(Duration::from_secs(15)).await.is_some_and(|s| s.success()));
     wait(&mut pb, "!!document.querySelector('#log .close[data-code=\"1001\"]')", "1001 on shutdown").await;
     let said = pb.eval("document.querySelector('#log .close[data-code=\"1001\"]').innerText").await;
     assert!(said.as_str().unwrap().contains("instance shutting down"), "{said}");
@@ -143,8 +139,7 @@ async fn two_chat_pages_on_two_instances_talk_to_each_other() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mint_button_works_only_with_the_development_secret_and_expiry_shows_4001() {
     let m = Mosquitto::start();
-    let url = m.url();
-    let (d, browser) = tokio::join!(dev::DevInstance::start(&url, &[]), Browser::launch());
+    let (d, browser) = tokio::join!(Instance::start(InstanceOpts::broker(&m).dev_secret()), Browser::launch());
     let mut p = browser.new_page(&format!("http://127.0.0.1:{}/", d.port)).await;
     assert_eq!(p.eval("document.getElementById('mint-box').hidden").await, json!(false));
     let note = p.eval("document.getElementById('dev-note').innerText").await;

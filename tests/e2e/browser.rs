@@ -16,7 +16,6 @@
 //!
 //! Chromium is found as `$CHROMIUM`, `chromium`, `chromium-browser`, `google-chrome` (in that
 //! order); `scripts/test.sh` installs Debian's `chromium`.
-#![allow(dead_code)]
 
 use std::collections::VecDeque;
 use std::fs;
@@ -31,6 +30,8 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use crate::support::{find_program, owned_command};
+
 /// How long chromium may take to start and write `DevToolsActivePort`.
 pub const LAUNCH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default deadline for one CDP command (an `eval` that awaits a promise included).
@@ -38,23 +39,12 @@ pub const CDP_TIMEOUT: Duration = Duration::from_secs(30);
 
 type CdpSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-/// The chromium executable, or a panic that says how to install it.
+/// The chromium executable (`$CHROMIUM` first).
 pub fn chromium_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("CHROMIUM") {
-        return PathBuf::from(p);
+    match std::env::var_os("CHROMIUM") {
+        Some(p) => PathBuf::from(p),
+        None => find_program(&["chromium", "chromium-browser", "google-chrome"]),
     }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
-    dirs.extend(["/usr/bin", "/usr/local/bin", "/snap/bin"].map(PathBuf::from));
-    for name in ["chromium", "chromium-browser", "google-chrome"] {
-        for d in &dirs {
-            let p = d.join(name);
-            if p.exists() {
-                return p;
-            }
-        }
-    }
-    panic!("chromium not found: `apt-get install chromium` (scripts/test.sh does it) or set CHROMIUM=/path/to/it");
 }
 
 /// A headless chromium with its own profile directory. The whole process group is killed on
@@ -74,7 +64,7 @@ impl Browser {
         let profile = dir.path().join("profile");
         fs::create_dir_all(&profile).unwrap();
         let stderr = fs::File::create(dir.path().join("chromium.stderr")).unwrap();
-        let mut cmd = Command::new(chromium_path());
+        let mut cmd = owned_command(chromium_path());
         cmd.args([
             "--headless",
             "--no-sandbox",
@@ -150,7 +140,7 @@ impl Browser {
         let target_id = created["targetId"].as_str().expect("targetId").to_string();
         let _ = browser.ws.close(None).await;
         let cdp = Cdp::new(self.connect(&format!("/devtools/page/{target_id}")).await);
-        let mut page = Page { cdp, target_id, console: Vec::new() };
+        let mut page = Page { cdp, console: Vec::new() };
         page.call("Page.enable", json!({})).await.expect("Page.enable");
         page.call("Runtime.enable", json!({})).await.expect("Runtime.enable");
         if url != "about:blank" {
@@ -246,7 +236,6 @@ impl Cdp {
 /// One browser tab.
 pub struct Page {
     cdp: Cdp,
-    pub target_id: String,
     /// Console output and uncaught exceptions seen so far (`"<type>: <text>"` lines).
     pub console: Vec<String>,
 }

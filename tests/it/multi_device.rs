@@ -1,11 +1,9 @@
 //! One user on several devices across instances: one broker subscription per instance, every
 //! device receives every message, closing one device keeps the others subscribed.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

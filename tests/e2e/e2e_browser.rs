@@ -2,13 +2,11 @@
 //! tutorial's own client code against the service. Browsers abort a handshake whose 101 does
 //! not echo the offered subprotocol, so this catches what non-browser clients never notice.
 
-mod common;
-
 use std::time::Duration;
 
-use common::browser::Browser;
-use common::stack::Stack;
-use common::*;
+use crate::browser::Browser;
+use crate::stack::Stack;
+use crate::support::*;
 use serde_json::json;
 
 /// The tutorial's client: `new WebSocket(url, token)`, every frame kept in `window.frames`.

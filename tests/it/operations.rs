@@ -2,33 +2,31 @@
 //! the span, connect/disconnect at info and nothing per message), configuration errors (exit 2,
 //! one line naming the flag), and the start-up summary.
 
-mod common;
-
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_carry_connection_fields_and_nothing_per_message_at_info() {
     let m = Mosquitto::start();
-    let a = Instance::start(InstanceOpts::broker(&m).arg("--log-format").arg("json")).await;
+    let mut a = Instance::start(InstanceOpts::broker(&m).arg("--log-format").arg("json")).await;
     let (alice, bob) = (unique("alice-"), unique("bob-"));
     let mut ca = a.connect(&alice).await;
     let mut cb = a.connect(&bob).await;
-    let conn_a = ca.connection_id();
+    let conn_a = ca.connected["connectionId"].clone();
     for i in 0..5 {
         ca.chat_acked(&bob, json!(format!("m{i}")), &format!("c{i}")).await;
         cb.expect_event("chat_message").await;
     }
     ca.close().await;
     drop(cb); // gone without a close frame
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while a.output().matches("\"disconnected\"").count() < 2 {
-        assert!(Instant::now() < deadline, "no two disconnect lines:\n{}", a.output());
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    wait_until("two disconnect lines", Duration::from_secs(10), || a.output().matches("\"disconnected\"").count() >= 2)
+        .await;
+    // A clean shutdown exits 0 (docs/protocol.md §10.4) and says so, in JSON too.
+    let status = a.terminate(Duration::from_secs(12)).await.expect("no exit within 12 s of SIGTERM");
+    assert!(status.success(), "exit status after SIGTERM: {status:?}");
 
     let out = a.output();
     let lines: Vec<Value> = out
@@ -38,6 +36,7 @@ async fn json_logs_carry_connection_fields_and_nothing_per_message_at_info() {
         .collect();
     assert!(lines.iter().all(|v| v.is_object() && v["level"].is_string() && v["timestamp"].is_string()));
     assert!(lines.iter().any(|v| v["message"].as_str().is_some_and(|m| m.contains("starting"))), "start-up summary");
+    assert_eq!(lines.last().unwrap()["message"], json!("stopped"), "the last line after SIGTERM");
 
     let of = |user: &str, msg: &str| -> Vec<&Value> {
         lines.iter().filter(|v| v["span"]["user_id"] == json!(user) && v["message"] == json!(msg)).collect()
@@ -57,7 +56,7 @@ async fn json_logs_carry_connection_fields_and_nothing_per_message_at_info() {
         assert!(d["close_code"].as_u64().is_some(), "disconnect has the close code: {d}");
         assert!(d["duration_ms"].as_u64().is_some(), "disconnect has the duration: {d}");
     }
-    assert_eq!(of(&alice, "connected")[0]["span"]["conn_id"], json!(conn_a));
+    assert_eq!(of(&alice, "connected")[0]["span"]["conn_id"], conn_a);
     // Ten chat frames in and out: no info line per message, from any target.
     let info_after_start: Vec<&Value> = lines
         .iter()
@@ -192,7 +191,7 @@ async fn operations_doc_and_dashboard_match_the_served_metrics() {
     let text = a.metrics().await;
     let served = families(&text);
     assert!(served.len() >= 20, "{served:?}");
-    let doc = include_str!("../docs/operations.md");
+    let doc = include_str!("../../docs/operations.md");
     for f in &served {
         assert!(doc.contains(&format!("`{f}")), "docs/operations.md does not describe {f}");
     }
@@ -201,7 +200,7 @@ async fn operations_doc_and_dashboard_match_the_served_metrics() {
         assert!(doc.contains(&format!("| `{reason}` |")), "docs/operations.md does not explain reason {reason}");
     }
     // Every series a dashboard query uses is served (histograms by their _bucket series).
-    let dash: Value = serde_json::from_str(include_str!("../dashboards/fanout.json")).expect("dashboard is JSON");
+    let dash: Value = serde_json::from_str(include_str!("../../dashboards/fanout.json")).expect("dashboard is JSON");
     let mut exprs = Vec::new();
     fn walk(v: &Value, out: &mut Vec<String>) {
         match v {

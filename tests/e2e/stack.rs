@@ -1,22 +1,18 @@
 //! The native stack (`scripts/stack.sh`: Mosquitto + nginx + N instances, from the project's
-//! own config files) on free loopback ports, for end-to-end tests. `stack.sh down` on drop.
-#![allow(dead_code)]
+//! own config files) on free loopback ports, for end-to-end tests. `stack.sh down` on drop;
+//! if the test process dies first, the stack's watchdog (`STACK_OWNER_PID`) takes it down.
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use crate::support::{free_port, get, parse_metric, Auth, Client, SECRET};
 use tempfile::TempDir;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
-
-use super::{free_port, http_get, parse_metric, Client, RECV_TIMEOUT, SECRET};
 
 pub struct Stack {
     dir: TempDir,
     /// nginx: the address clients use.
     pub port: u16,
-    pub mqtt_port: u16,
     /// (instance id, port) for every instance, in order (`n1`, `n2`, …).
     pub instances: Vec<(String, u16)>,
 }
@@ -46,10 +42,11 @@ impl Stack {
                 .env("STACK_INSTANCE_PORTS", &list)
                 .env("STACK_JWT_SECRET", SECRET)
                 .env("FANOUT_BIN", env!("CARGO_BIN_EXE_fanout"))
+                .env("STACK_OWNER_PID", std::process::id().to_string())
                 .output()
                 .expect("run scripts/stack.sh");
             let instances = (0..n).map(|i| (format!("n{}", i + 1), ports[i])).collect();
-            let stack = Stack { dir, port, mqtt_port, instances };
+            let stack = Stack { dir, port, instances };
             if out.status.success() {
                 return stack;
             }
@@ -87,35 +84,34 @@ impl Stack {
         s
     }
 
-    /// The stack's Mosquitto log (subscribe/unsubscribe lines included).
-    pub fn mosquitto_log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
-    }
-
     pub fn ws_url(&self) -> String {
         format!("ws://127.0.0.1:{}/entrypoint", self.port)
     }
 
     /// Connects through nginx with the token as subprotocol and waits for `connected`.
     pub async fn connect(&self, token: &str) -> Client {
-        let mut req = self.ws_url().into_client_request().unwrap();
-        req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_str(token).unwrap());
-        let (ws, resp) = tokio::time::timeout(RECV_TIMEOUT, tokio_tungstenite::connect_async(req))
+        self.connect_with(Auth::Subprotocol(token)).await
+    }
+
+    /// Connects through nginx with the token wherever `auth` puts it and waits for `connected`.
+    pub async fn connect_with(&self, auth: Auth<'_>) -> Client {
+        let c = Client::open(&self.ws_url(), auth)
             .await
-            .expect("handshake through nginx timed out")
-            .unwrap_or_else(|e| panic!("handshake through nginx failed: {e}\n{}", self.logs()));
-        let protocol = resp.headers().get("sec-websocket-protocol").map(|v| v.to_str().unwrap_or_default().to_string());
-        assert_eq!(protocol.as_deref(), Some(token), "nginx/fanout must echo the subprotocol");
-        let mut c = Client { ws, protocol, connected: serde_json::Value::Null };
-        c.connected = c.expect_event("connected").await;
-        c
+            .unwrap_or_else(|e| panic!("handshake through nginx with {auth:?} failed: {e}\n{}", self.logs()));
+        let echo = match auth {
+            Auth::Subprotocol(t) => Some(t),
+            Auth::BearerSubprotocol(_) => Some("bearer"),
+            Auth::Query(_) | Auth::Header(_) => None,
+        };
+        assert_eq!(c.protocol.as_deref(), echo, "nginx/fanout must echo exactly the offered subprotocol");
+        c.connected().await
     }
 
     /// One metric sample from every instance (missing = 0), in instance order.
     pub async fn metric_per_instance(&self, series: &str) -> Vec<f64> {
         let mut v = Vec::new();
         for (id, port) in &self.instances {
-            let r = http_get(*port, "/metrics").await.unwrap_or_else(|e| panic!("GET /metrics of {id}: {e}"));
+            let r = get(*port, "/metrics").await.unwrap_or_else(|e| panic!("GET /metrics of {id}: {e}"));
             v.push(parse_metric(&r.body, series).unwrap_or(0.0));
         }
         v
@@ -145,5 +141,11 @@ impl Drop for Stack {
             .env("STACK_DIR", self.dir.path())
             .stdout(std::process::Stdio::null())
             .status();
+        if !std::thread::panicking() {
+            for (id, _) in &self.instances {
+                let log = std::fs::read_to_string(self.dir.path().join(format!("fanout-{id}.log"))).unwrap_or_default();
+                assert!(!log.contains("panicked"), "stack instance {id} panicked:\n{log}");
+            }
+        }
     }
 }

@@ -7,11 +7,10 @@
 //! 200), and the broker link never dropped (`fanout_mqtt_reconnects_total` 0, no new MQTT
 //! connect in Mosquitto's log).
 
-mod common;
-
 use std::collections::BTreeMap;
 
-use common::*;
+use crate::auth::unsigned_token;
+use crate::support::*;
 use futures_util::StreamExt;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
@@ -632,7 +631,7 @@ async fn frame_corpus_gets_specified_answers() {
         assert_eq!(parse_metric(&metrics, &series), Some(*n as f64), "{series}");
     }
     // Alive, and the broker link never dropped.
-    assert_eq!(http_get(inst.port, "/healthz").await.expect("GET /healthz").status, 200);
+    assert_eq!(get(inst.port, "/healthz").await.expect("GET /healthz").status, 200);
     assert_eq!(parse_metric(&metrics, "fanout_mqtt_reconnects_total"), Some(0.0), "broker reconnects");
     assert_eq!(parse_metric(&metrics, "fanout_mqtt_connected"), Some(1.0));
     assert_eq!(m.connect_count(&cid), connects_before, "{cid} reconnected to the broker");
@@ -1128,7 +1127,7 @@ async fn token_corpus_gets_401_or_is_accepted_as_specified() {
     // Only the refusals that reached fanout were counted (414 and 431 are hyper's).
     for (inst, n) in [(&hs_inst, refusals[0]), (&rs_inst, refusals[1])] {
         assert_eq!(inst.metric("fanout_auth_failures_total").await, Some(n as f64), "{}", inst.id);
-        assert_eq!(http_get(inst.port, "/healthz").await.expect("GET /healthz").status, 200);
+        assert_eq!(get(inst.port, "/healthz").await.expect("GET /healthz").status, 200);
         assert_eq!(inst.metric("fanout_mqtt_reconnects_total").await, Some(0.0), "{}: broker reconnects", inst.id);
         // Still serving: a normal user chats with itself.
         let mut c = if inst.id == hs_inst.id {

@@ -1,8 +1,6 @@
 //! Payloads published straight to the broker reach WebSocket clients byte for byte.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

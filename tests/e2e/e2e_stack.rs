@@ -5,13 +5,11 @@
 //! (message, instance holding the recipient): no instance gets traffic for users it does not
 //! hold.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
-use common::stack::Stack;
-use common::*;
+use crate::stack::Stack;
+use crate::support::*;
 use futures_util::{SinkExt, StreamExt};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -45,7 +43,10 @@ async fn fifty_users_through_nginx_each_message_once_per_connection_and_per_hold
     for (u, mine) in user_conns.iter_mut().enumerate() {
         let k = rng.random_range(1..=3);
         for _ in 0..k {
-            let c = stack.connect(&token(SECRET, &user_name(u), 3600, None)).await;
+            // Every place a token can travel in, through nginx.
+            let t = token(SECRET, &user_name(u), 3600, None);
+            let places = [Auth::Subprotocol(&t), Auth::BearerSubprotocol(&t), Auth::Query(&t), Auth::Header(&t)];
+            let c = stack.connect_with(places[conns.len() % 4]).await;
             assert_eq!(c.connected["userId"], json!(user_name(u)));
             let idx = conns.len();
             conns.push(Conn { user: u, instance: c.connected["instanceId"].as_str().unwrap().to_string() });

@@ -4,14 +4,11 @@
 //! and the HTTP header timeout. Every test runs against a real Mosquitto, through the fault
 //! proxy where the link must misbehave.
 
-mod common;
-
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::peer::*;
-use common::proxy::FaultProxy;
-use common::*;
+use crate::peer::*;
+use crate::proxy::FaultProxy;
+use crate::support::*;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -20,28 +17,6 @@ use tokio::net::TcpStream;
 async fn send_burst(p: &mut Peer, to: &str, prefix: &str, n: usize) {
     for i in 0..n {
         p.send_to(to, &format!("{prefix}{i:05}")).await;
-    }
-}
-
-/// The `clientMessageId`s `p` received (chat messages only), in arrival order.
-fn received_cmids(p: &Peer) -> Vec<String> {
-    p.events("chat_message").iter().filter_map(|d| d["clientMessageId"].as_str().map(String::from)).collect()
-}
-
-/// Every one of `n` messages `<prefix>…` arrived exactly once, in the order sent.
-fn assert_all_once_in_order(p: &Peer, prefix: &str, n: usize) {
-    let got: Vec<String> = received_cmids(p).into_iter().filter(|c| c.starts_with(prefix)).collect();
-    let want: Vec<String> = (0..n).map(|i| format!("{prefix}{i:05}")).collect();
-    if got != want {
-        let unique: HashSet<&String> = got.iter().collect();
-        let missing = want.iter().filter(|w| !unique.contains(w)).count();
-        let first_disorder = got.windows(2).position(|w| w[0] >= w[1]);
-        panic!(
-            "{}: got {} messages ({} distinct), {missing} missing, first out of order at {first_disorder:?}",
-            p.name,
-            got.len(),
-            unique.len()
-        );
     }
 }
 
@@ -63,7 +38,7 @@ async fn acked_messages_replayed_against_a_broker_answering_300ms_late_all_arriv
     const N: usize = 2_500;
     send_burst(&mut alice, "bob", "r", N).await;
     acks_within(&alice, N, Duration::from_secs(30)).await;
-    assert!(received_cmids(&bob).is_empty());
+    assert!(bob.received_cmids().is_empty());
     // The link breaks, and comes back through a broker that answers every packet 300 ms late.
     proxy.cut();
     wait_readyz(&a, 503, Duration::from_secs(5)).await;
@@ -127,8 +102,8 @@ async fn shutdown_still_delivers_acked_messages_when_the_link_returns_during_it(
     acks_within(&alice, 50, Duration::from_secs(10)).await;
     let client_id = a.client_id();
     // SIGTERM while the link is down; it returns a second later, within the grace period.
-    let stopping = tokio::task::spawn_blocking(move || {
-        let st = a.terminate(Duration::from_secs(20));
+    let stopping = tokio::spawn(async move {
+        let st = a.terminate(Duration::from_secs(20)).await;
         (a, st)
     });
     wait_until("alice closed with 1001", Duration::from_secs(5), || alice.closed() == Some(1001)).await;
@@ -230,7 +205,7 @@ async fn readiness_stays_200_while_new_users_connect() {
     let poller = tokio::spawn(async move {
         let (mut polls, mut not_ready) = (0usize, Vec::new());
         while !s.load(std::sync::atomic::Ordering::Relaxed) {
-            let r = http_get(port, "/readyz").await.expect("GET /readyz");
+            let r = get(port, "/readyz").await.expect("GET /readyz");
             polls += 1;
             if r.status != 200 {
                 not_ready.push(r.body);
@@ -304,5 +279,65 @@ async fn a_connection_that_does_not_finish_its_request_head_in_10s_is_closed() {
         );
     }
     // The instance serves on.
-    assert_eq!(http_get(inst.port, "/healthz").await.unwrap().status, 200);
+    assert_eq!(get(inst.port, "/healthz").await.unwrap().status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publish_api_answers_503_when_the_queue_stays_full_and_never_sends_that_message() {
+    const KEY: &str = "api-key-for-the-full-queue-test";
+    let m = Mosquitto::start();
+    let proxy = FaultProxy::start(m.port()).await;
+    // A queue that holds 16 of the ~4.2 KB messages below (as in the dead-broker test).
+    let a = Instance::start(InstanceOpts::url(&proxy.url()).args([
+        "--api-key",
+        KEY,
+        "--publish-queue-bytes",
+        "68800",
+        "--max-message-bytes",
+        "8192",
+        "--broker-timeout",
+        "1s",
+    ]))
+    .await;
+    let b = Instance::start(InstanceOpts::broker(&m)).await;
+    let bob = Peer::connect(&b, "bob").await;
+    // The link stays up but nothing is acknowledged: accepted publishes fill the queue.
+    proxy.stall();
+    let auth = format!("Bearer {KEY}");
+    let publish = |seq: usize| {
+        let body = json!({"to": "bob", "message": {"seq": seq, "pad": "p".repeat(4_000)}}).to_string();
+        let auth = auth.clone();
+        let a = &a;
+        async move {
+            let t = Instant::now();
+            let r = a.http("POST", "/api/publish", &[("Authorization", &auth)], body.as_bytes()).await;
+            (r, t.elapsed())
+        }
+    };
+    let mut accepted = Vec::new();
+    for seq in 0..16 {
+        let (r, _) = publish(seq).await;
+        assert_eq!(r.status, 202, "publish {seq}: {r:?}");
+        accepted.push(r.json()["id"].as_str().unwrap().to_string());
+    }
+    for seq in 16..18 {
+        let (r, took) = publish(seq).await;
+        assert_eq!((r.status, r.json()["error"].clone()), (503, json!("unavailable")), "publish {seq}: {r:?}");
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        assert!(
+            took >= Duration::from_secs(1) && took < Duration::from_millis(1_500),
+            "a full queue answered after {took:?} (--broker-timeout 1s)"
+        );
+    }
+    assert_eq!(a.metric_or_zero("fanout_api_publish_requests_total{result=\"unavailable\"}").await, 2.0);
+    // When the link moves again the 16 go out in order; the refused two never do.
+    proxy.heal();
+    let (r, _) = publish(99).await;
+    assert_eq!(r.status, 202, "{r:?}");
+    accepted.push(r.json()["id"].as_str().unwrap().to_string());
+    wait_until("bob gets the accepted ones and the last", Duration::from_secs(30), || {
+        bob.received_ids().len() >= accepted.len()
+    })
+    .await;
+    assert_eq!(bob.received_ids(), accepted, "bob got exactly the accepted messages, in order");
 }

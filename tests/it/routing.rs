@@ -1,11 +1,9 @@
 //! Message routing between instances over one Mosquitto: per-user topics, event names of both
 //! tutorial generations, many-recipient and broadcast sends, ping.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 use serde_json::{json, Value};
 
 fn assert_uuid(v: &Value, what: &str) {

@@ -4,10 +4,12 @@
 //! the config files it mounts are checked for the facts compose relies on. The image build
 //! itself is not run here (no engine).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use serde_json::{json, Value};
+
+use crate::support::find_program;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -17,17 +19,8 @@ fn read(rel: &str) -> String {
     std::fs::read_to_string(root().join(rel)).unwrap_or_else(|e| panic!("read {rel}: {e}"))
 }
 
-fn docker_compose() -> PathBuf {
-    for p in ["/usr/bin/docker-compose", "/usr/local/bin/docker-compose"] {
-        if Path::new(p).exists() {
-            return PathBuf::from(p);
-        }
-    }
-    panic!("docker-compose not found: `apt-get install docker-compose` (scripts/test.sh does it)");
-}
-
 fn compose_config(secret: Option<&str>) -> std::process::Output {
-    let mut cmd = Command::new(docker_compose());
+    let mut cmd = Command::new(find_program(&["docker-compose"]));
     cmd.current_dir(root()).args(["-f", "compose.yaml", "config"]).env_remove("FANOUT_JWT_SECRET");
     // Never talk to an engine: `config` does not, and no DOCKER_HOST should make it try.
     cmd.env_remove("DOCKER_HOST");
