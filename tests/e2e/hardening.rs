@@ -41,7 +41,7 @@ async fn acked_messages_replayed_against_a_broker_answering_300ms_late_all_arriv
     assert!(bob.received_cmids().is_empty());
     // The link breaks, and comes back through a broker that answers every packet 300 ms late.
     proxy.cut();
-    wait_readyz(&a, 503, Duration::from_secs(5)).await;
+    a.wait_readyz(503, Duration::from_secs(5)).await;
     proxy.delay_answers(Duration::from_millis(300));
     let t0 = Instant::now();
     proxy.heal();
@@ -68,7 +68,7 @@ async fn order_holds_across_two_link_failures_in_a_row() {
     acks_within(&alice, N, Duration::from_secs(30)).await;
     // First failure; the replay starts slowly (answers 150 ms late) ...
     proxy.cut();
-    wait_readyz(&a, 503, Duration::from_secs(5)).await;
+    a.wait_readyz(503, Duration::from_secs(5)).await;
     proxy.delay_answers(Duration::from_millis(150));
     proxy.heal();
     // ... and the second failure hits in the middle of it, with publishes in flight whose
@@ -76,7 +76,7 @@ async fn order_holds_across_two_link_failures_in_a_row() {
     wait_until("part of the replay arrived", Duration::from_secs(30), || bob.events("chat_message").len() >= 200).await;
     proxy.cut();
     let mid = bob.events("chat_message").len();
-    wait_readyz(&a, 503, Duration::from_secs(5)).await;
+    a.wait_readyz(503, Duration::from_secs(5)).await;
     proxy.delay_answers(Duration::ZERO);
     proxy.heal();
     wait_until("every acked message reaches bob", Duration::from_secs(60), || bob.events("chat_message").len() >= N)
@@ -97,7 +97,7 @@ async fn shutdown_still_delivers_acked_messages_when_the_link_returns_during_it(
     let mut alice = Peer::connect(&a, "alice").await;
     let bob = Peer::connect(&b, "bob").await;
     proxy.cut();
-    wait_readyz(&a, 503, Duration::from_secs(5)).await;
+    a.wait_readyz(503, Duration::from_secs(5)).await;
     send_burst(&mut alice, "bob", "s", 50).await;
     acks_within(&alice, 50, Duration::from_secs(10)).await;
     let client_id = a.client_id();

@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
@@ -107,16 +107,6 @@ pub fn unlimited(o: InstanceOpts) -> InstanceOpts {
 
 pub async fn readyz(inst: &Instance) -> u16 {
     get(inst.port, "/readyz").await.map(|r| r.status).unwrap_or(0)
-}
-
-/// Waits until `/readyz` answers `status`; how long that took.
-pub async fn wait_readyz(inst: &Instance, status: u16, timeout: Duration) -> Duration {
-    let t0 = Instant::now();
-    while readyz(inst).await != status {
-        assert!(t0.elapsed() < timeout, "/readyz of {} not {status} within {timeout:?}", inst.id);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    t0.elapsed()
 }
 
 /// Every acked message of `from` whose client message id starts with `prefix` arrived exactly

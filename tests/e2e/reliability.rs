@@ -67,14 +67,14 @@ async fn broker_link_cut_for_5s_loses_no_acked_message_and_duplicates_none() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let cut_at = Instant::now();
         proxy.cut();
-        let to_503 = wait_readyz(&a, 503, Duration::from_secs(5)).await;
+        let to_503 = a.wait_readyz(503, Duration::from_secs(5)).await;
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert_eq!(readyz(&a).await, 503, "readyz during the cut");
         assert_eq!(*alice_close.lock(), None, "alice (on the cut instance) was disconnected");
         assert_eq!(*carol_close.lock(), None, "carol (on the cut instance) was disconnected");
         let heal_at = Instant::now();
         proxy.heal();
-        let to_200 = wait_readyz(&a, 200, Duration::from_secs(10)).await;
+        let to_200 = a.wait_readyz(200, Duration::from_secs(10)).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         stop.store(true, Ordering::Relaxed);
         (cut_at, heal_at, to_503, to_200)
@@ -126,10 +126,10 @@ async fn a_stalled_broker_link_is_noticed_and_every_acked_message_arrives_once_i
         // A black hole: the TCP connection stays open, nothing is forwarded either way.
         proxy.stall();
         // MQTT keep-alive (10 s): the ping that finds the last one unanswered ends the link.
-        let noticed = wait_readyz(&a, 503, Duration::from_secs(30)).await;
+        let noticed = a.wait_readyz(503, Duration::from_secs(30)).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         proxy.heal();
-        let back = wait_readyz(&a, 200, Duration::from_secs(15)).await;
+        let back = a.wait_readyz(200, Duration::from_secs(15)).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         stop.store(true, Ordering::Relaxed);
         (noticed, back)
@@ -159,10 +159,10 @@ async fn mosquitto_restart_restores_every_connected_users_subscription() {
         peers.push(Peer::connect(inst, u).await);
     }
     m.stop();
-    wait_readyz(&a, 503, Duration::from_secs(10)).await;
+    a.wait_readyz(503, Duration::from_secs(10)).await;
     m.restart();
-    wait_readyz(&a, 200, Duration::from_secs(20)).await;
-    wait_readyz(&b, 200, Duration::from_secs(20)).await;
+    a.wait_readyz(200, Duration::from_secs(20)).await;
+    b.wait_readyz(200, Duration::from_secs(20)).await;
     // Injected messages reach every still-connected user: their topics were subscribed again.
     for (u, _) in users {
         m.publish_text(&format!("msg/{u}"), &format!(r#"{{"event":"chat_message","data":{{"to":"{u}"}}}}"#));
@@ -326,7 +326,7 @@ async fn publish_toward_a_dead_broker_fails_with_unavailable_in_bounded_time() {
     let mut alice = Peer::connect(&a, "alice").await;
     let bob = Peer::connect(&b, "bob").await;
     proxy.cut();
-    wait_readyz(&a, 503, Duration::from_secs(5)).await;
+    a.wait_readyz(503, Duration::from_secs(5)).await;
     let pad = "p".repeat(PAD);
     let t0 = Instant::now();
     for i in 0..24 {
@@ -374,7 +374,7 @@ async fn publish_toward_a_dead_broker_fails_with_unavailable_in_bounded_time() {
     // When the link returns, the acked messages go out, in order; the refused ones never do —
     // checked once a sentinel sent after the heal has arrived behind them.
     proxy.heal();
-    wait_readyz(&a, 200, Duration::from_secs(10)).await;
+    a.wait_readyz(200, Duration::from_secs(10)).await;
     alice.send_to("bob", "sentinel").await;
     wait_until("the sentinel reaches bob", Duration::from_secs(10), || {
         bob.received_cmids().iter().any(|c| c == "sentinel")
@@ -624,12 +624,12 @@ async fn unsubscribes_lost_with_the_link_are_sent_again_after_the_reconnect() {
     let mut alice = a.connect("alice").await;
     let bob = a.connect("bob").await;
     proxy.cut();
-    wait_readyz(&a, 503, Duration::from_secs(5)).await;
+    a.wait_readyz(503, Duration::from_secs(5)).await;
     // bob leaves while the link is down: his UNSUBSCRIBE cannot go out now.
     bob.close().await;
     a.wait_metric("fanout_users", |v| v == 1.0, Duration::from_secs(5)).await;
     proxy.heal();
-    wait_readyz(&a, 200, Duration::from_secs(10)).await;
+    a.wait_readyz(200, Duration::from_secs(10)).await;
     // The broker kept the persistent session (and msg/bob in it): the UNSUBSCRIBE is sent with
     // the reconnect, before any message for bob could arrive.
     assert!(
@@ -658,9 +658,9 @@ async fn a_lost_unsubscribe_heals_itself_when_a_message_comes_for_the_gone_user(
     a.wait_metric("fanout_users", |v| v == 1.0, Duration::from_secs(5)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     proxy.cut();
-    wait_readyz(&a, 503, Duration::from_secs(5)).await;
+    a.wait_readyz(503, Duration::from_secs(5)).await;
     proxy.heal();
-    wait_readyz(&a, 200, Duration::from_secs(10)).await;
+    a.wait_readyz(200, Duration::from_secs(10)).await;
     assert_eq!(m.unsubscribe_count(&cid, "msg/bob"), 0, "the UNSUBSCRIBE was not lost; the test proves nothing");
     // A message for bob still comes to A, which holds nobody for it: A unsubscribes again.
     m.publish_text("msg/bob", "for nobody 1");

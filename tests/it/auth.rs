@@ -205,3 +205,35 @@ fn check_token_command_accepts_and_rejects() {
         assert!(!said.trim().is_empty(), "{what}: check-token must say why");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_valid_token_without_an_upgrade_gets_426_and_an_invalid_one_401() {
+    let m = Mosquitto::start();
+    let inst = Instance::start(InstanceOpts::broker(&m)).await;
+    let t = inst.token("alice");
+    let bearer = format!("Bearer {t}");
+    // Plain GETs (the probe of docs/protocol.md §2.5), and an upgrade that lacks its key.
+    let not_upgrades: [(&str, Vec<(&str, &str)>); 4] = [
+        ("/entrypoint", vec![("Authorization", bearer.as_str())]),
+        ("/entrypoint", vec![("Sec-WebSocket-Protocol", t.as_str())]),
+        (&format!("/entrypoint?token={t}"), vec![]),
+        (
+            "/entrypoint",
+            vec![
+                ("Connection", "Upgrade"),
+                ("Upgrade", "websocket"),
+                ("Sec-WebSocket-Version", "13"),
+                ("Authorization", &bearer),
+            ],
+        ),
+    ];
+    for (path, headers) in &not_upgrades {
+        let r = inst.http("GET", path, headers, b"").await;
+        assert_eq!(r.status, 426, "{headers:?}: {r:?}");
+        assert_eq!(r.json(), json!({"error": "upgrade_required", "message": "this endpoint speaks WebSocket only"}));
+    }
+    // Authentication comes first: a bad token without an upgrade is 401, not 426.
+    let r = inst.http("GET", "/entrypoint", &[("Authorization", "Bearer not.a.token")], b"").await;
+    assert_unauthorized(&r, "bad token, no upgrade");
+    assert_eq!(inst.metric_or_zero("fanout_connections").await, 0.0);
+}

@@ -178,6 +178,19 @@ impl Instance {
         Client::connect_ok(self, super::Auth::Subprotocol(&self.token(user))).await
     }
 
+    /// Waits until `/readyz` answers `status`; how long that took.
+    pub async fn wait_readyz(&self, status: u16, timeout: Duration) -> Duration {
+        let t0 = Instant::now();
+        loop {
+            let now = get(self.port, "/readyz").await.map(|r| r.status).unwrap_or(0);
+            if now == status {
+                return t0.elapsed();
+            }
+            assert!(t0.elapsed() < timeout, "/readyz of {} still {now}, not {status}, after {timeout:?}", self.id);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// One HTTP request to this instance (see [`super::http`]).
     pub async fn http(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> HttpResponse {
         http(self.port, method, path, headers, body).await.unwrap_or_else(|e| panic!("{method} {path}: {e}"))
