@@ -39,8 +39,15 @@ cargo clippy --all-targets -- -D warnings
 echo "test.sh: fuzz targets: cargo fmt --check, cargo clippy"
 cargo fmt --check --manifest-path fuzz/Cargo.toml
 cargo clippy --manifest-path fuzz/Cargo.toml --no-default-features --all-targets -- -D warnings
-echo "test.sh: cargo test --release --all-targets --no-fail-fast"
-cargo test --release --all-targets --no-fail-fast
+# Two test binaries: tests/it (fast, in parallel, with the unit tests) and tests/e2e (broker
+# faults, floods, shutdown, nginx, the browser: they measure time and memory, so one at a
+# time). Both run even when the first fails.
+echo "test.sh: cargo test --release --no-fail-fast --lib --bins --test it"
+tests_ok=true
+cargo test --release --no-fail-fast --lib --bins --test it || tests_ok=false
+echo "test.sh: cargo test --release --no-fail-fast --test e2e -- --test-threads=1"
+cargo test --release --no-fail-fast --test e2e -- --test-threads=1 || tests_ok=false
+$tests_ok || { echo "test.sh: tests failed" >&2; exit 1; }
 # The benchmark tool keeps working: a tiny run of every scenario (well under 20 s) against its
 # own Mosquitto and fanout instances; it exits non-zero when a scenario fails or loses messages.
 echo "test.sh: fanout-bench --smoke"
