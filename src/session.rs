@@ -342,20 +342,13 @@ async fn handle_text(sh: &Node, id: &Identity, limiter: &mut RateLimiter, text: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bus::fake::FakeLink;
+    use crate::bus::fake::{config, FakeLink};
     use crate::hub::Hub;
-    use clap::Parser;
     use serde_json::{json, Value};
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
     use tokio::task::JoinHandle;
     use tokio::time::Instant as TokioInstant;
     use tokio_util::sync::CancellationToken;
-
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        serve: crate::config::ServeArgs,
-    }
 
     const OP_TEXT: u8 = 0x1;
     const OP_CLOSE: u8 = 0x8;
@@ -374,9 +367,7 @@ mod tests {
     }
 
     fn harness(args: &[&str]) -> Harness {
-        let mut v = vec!["fanout", "--mqtt-url", "mqtt://127.0.0.1:1", "--jwt-secret", "test-secret"];
-        v.extend_from_slice(args);
-        let cfg = Arc::new(Cli::parse_from(v).serve.validate().unwrap());
+        let cfg = Arc::new(config(args));
         let hub = Arc::new(Hub::new());
         let metrics = Arc::new(Metrics::new("t"));
         let shutdown = CancellationToken::new();

@@ -8,9 +8,20 @@ use rumqttc::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, Outgoing, Re
 use tokio_util::sync::CancellationToken;
 
 use super::{Bus, QOS};
-use crate::config::Config;
+use crate::config::{Config, ServeArgs};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+
+/// The configuration `fanout serve` would build from these flags (toward an unused broker).
+pub fn config(args: &[&str]) -> Config {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+    let argv = ["fanout", "--mqtt-url", "mqtt://127.0.0.1:1"].iter().chain(args);
+    <Cli as clap::Parser>::parse_from(argv).serve.validate().expect("valid test configuration")
+}
 
 pub(crate) struct FakeLink {
     pub bus: Arc<Bus>,

@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use crate::peer::*;
-use crate::proxy::FaultProxy;
+use crate::proxy::{FaultProxy, FaultSetup, PAD, QUEUE_OF_16};
 use crate::support::*;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,12 +27,7 @@ async fn acks_within(p: &Peer, n: usize, timeout: Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acked_messages_replayed_against_a_broker_answering_300ms_late_all_arrive_in_order() {
-    let m = Mosquitto::start();
-    let proxy = FaultProxy::start(m.port()).await;
-    let a = Instance::start(unlimited(InstanceOpts { mqtt_url: Some(proxy.url()), ..Default::default() })).await;
-    let b = Instance::start(InstanceOpts::broker(&m)).await;
-    let mut alice = Peer::connect(&a, "alice").await;
-    let bob = Peer::connect(&b, "bob").await;
+    let FaultSetup { proxy, a, b, mut alice, bob, .. } = FaultSetup::start(unlimited, |o| o).await;
     // A black hole: the link looks up, nothing arrives. 2,500 messages are acked meanwhile.
     proxy.stall();
     const N: usize = 2_500;
@@ -56,12 +51,7 @@ async fn acked_messages_replayed_against_a_broker_answering_300ms_late_all_arriv
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn order_holds_across_two_link_failures_in_a_row() {
-    let m = Mosquitto::start();
-    let proxy = FaultProxy::start(m.port()).await;
-    let a = Instance::start(unlimited(InstanceOpts { mqtt_url: Some(proxy.url()), ..Default::default() })).await;
-    let b = Instance::start(InstanceOpts::broker(&m)).await;
-    let mut alice = Peer::connect(&a, "alice").await;
-    let bob = Peer::connect(&b, "bob").await;
+    let FaultSetup { proxy, a, b, mut alice, bob, .. } = FaultSetup::start(unlimited, |o| o).await;
     const N: usize = 1_500;
     proxy.stall();
     send_burst(&mut alice, "bob", "o", N).await;
@@ -90,12 +80,7 @@ async fn order_holds_across_two_link_failures_in_a_row() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_still_delivers_acked_messages_when_the_link_returns_during_it() {
-    let m = Mosquitto::start();
-    let proxy = FaultProxy::start(m.port()).await;
-    let mut a = Instance::start(unlimited(InstanceOpts { mqtt_url: Some(proxy.url()), ..Default::default() })).await;
-    let b = Instance::start(InstanceOpts::broker(&m)).await;
-    let mut alice = Peer::connect(&a, "alice").await;
-    let bob = Peer::connect(&b, "bob").await;
+    let FaultSetup { m, proxy, mut a, mut alice, bob, .. } = FaultSetup::start(unlimited, |o| o).await;
     proxy.cut();
     a.wait_readyz(503, Duration::from_secs(5)).await;
     send_burst(&mut alice, "bob", "s", 50).await;
@@ -177,7 +162,7 @@ async fn upgrade_and_reset(inst: &Instance, user: &str) {
 async fn clients_that_reset_before_connected_leave_the_connection_gauge_at_zero() {
     let m = Mosquitto::start();
     let proxy = FaultProxy::start(m.port()).await;
-    let a = Instance::start(InstanceOpts { mqtt_url: Some(proxy.url()), ..Default::default() }).await;
+    let a = Instance::start(InstanceOpts::url(&proxy.url())).await;
     // While the link is stalled no SUBACK comes: the sessions wait for theirs, and the
     // clients give up and reset meanwhile.
     proxy.stall();
@@ -285,27 +270,14 @@ async fn a_connection_that_does_not_finish_its_request_head_in_10s_is_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_publish_api_answers_503_when_the_queue_stays_full_and_never_sends_that_message() {
     const KEY: &str = "api-key-for-the-full-queue-test";
-    let m = Mosquitto::start();
-    let proxy = FaultProxy::start(m.port()).await;
     // A queue that holds 16 of the ~4.2 KB messages below (as in the dead-broker test).
-    let a = Instance::start(InstanceOpts::url(&proxy.url()).args([
-        "--api-key",
-        KEY,
-        "--publish-queue-bytes",
-        "68800",
-        "--max-message-bytes",
-        "8192",
-        "--broker-timeout",
-        "1s",
-    ]))
-    .await;
-    let b = Instance::start(InstanceOpts::broker(&m)).await;
-    let bob = Peer::connect(&b, "bob").await;
+    let FaultSetup { proxy, a, bob, .. } =
+        FaultSetup::start(|o| o.args(["--api-key", KEY]).args(QUEUE_OF_16), |o| o).await;
     // The link stays up but nothing is acknowledged: accepted publishes fill the queue.
     proxy.stall();
     let auth = format!("Bearer {KEY}");
     let publish = |seq: usize| {
-        let body = json!({"to": "bob", "message": {"seq": seq, "pad": "p".repeat(4_000)}}).to_string();
+        let body = json!({"to": "bob", "message": {"seq": seq, "pad": "p".repeat(PAD)}}).to_string();
         let auth = auth.clone();
         let a = &a;
         async move {

@@ -40,6 +40,13 @@ async fn connect(p: &mut Page, token: &str) {
     .await;
 }
 
+/// Connects as `user` with a token of the tests' secret and waits until the page says who it is.
+async fn sign_in(p: &mut Page, user: &str) {
+    connect(p, &token(SECRET, user, 3600, None)).await;
+    let me = format!("document.getElementById('me-user')?.textContent === {}", json!(user));
+    wait(p, &me, &format!("{user} connected")).await;
+}
+
 /// Types a message to `to` and presses Send.
 async fn send(p: &mut Page, to: &str, text: &str) {
     p.eval(&format!(
@@ -78,12 +85,8 @@ async fn two_chat_pages_on_two_instances_talk_to_each_other() {
     assert!(said.as_str().unwrap().contains("rejected — token invalid or expired?"), "{said}");
 
     // Paste good tokens, connect, and see who we are.
-    connect(&mut pa, &token(SECRET, &alice, 3600, None)).await;
-    connect(&mut pb, &token(SECRET, &bob, 3600, None)).await;
-    wait(&mut pa, &format!("document.getElementById('me-user')?.textContent === {}", json!(alice)), "alice connected")
-        .await;
-    wait(&mut pb, &format!("document.getElementById('me-user')?.textContent === {}", json!(bob)), "bob connected")
-        .await;
+    sign_in(&mut pa, &alice).await;
+    sign_in(&mut pb, &bob).await;
     let me = pb.eval("document.getElementById('me').innerText").await;
     assert!(me.as_str().unwrap().contains(&b.id), "bob's page shows his instance {}: {me}", b.id);
     assert!(pb.eval("document.getElementById('status').textContent").await.as_str().unwrap().contains("connected as"));
@@ -195,12 +198,8 @@ async fn behind_nginx_the_page_reconnects_by_itself_when_its_instance_shuts_down
     let mut pb = browser.new_page(&origin).await;
     let js = pa.eval("fetch('/fanout-client.js').then(r => r.headers.get('content-type'))").await;
     assert_eq!(js, json!("text/javascript; charset=utf-8"));
-    connect(&mut pa, &token(SECRET, &alice, 3600, None)).await;
-    connect(&mut pb, &token(SECRET, &bob, 3600, None)).await;
-    wait(&mut pa, &format!("document.getElementById('me-user')?.textContent === {}", json!(alice)), "alice connected")
-        .await;
-    wait(&mut pb, &format!("document.getElementById('me-user')?.textContent === {}", json!(bob)), "bob connected")
-        .await;
+    sign_in(&mut pa, &alice).await;
+    sign_in(&mut pb, &bob).await;
     let first = pb.eval("window.chat.client.info.instanceId").await.as_str().unwrap().to_string();
     send(&mut pa, &bob, "before the shutdown").await;
     wait(&mut pb, "document.querySelectorAll('#log .msg-in').length === 1", "bob gets the first message").await;

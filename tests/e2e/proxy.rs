@@ -8,6 +8,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use crate::peer::Peer;
+use crate::support::{Instance, InstanceOpts, Mosquitto};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Pass,
@@ -164,3 +167,37 @@ async fn finish(
         let _ = writer.await;
     }
 }
+
+/// The setting of the broker-fault tests: one Mosquitto; instance `a` reaches it through a
+/// fault proxy, instance `b` directly; alice is connected to `a`, bob to `b`.
+pub struct FaultSetup {
+    pub m: Mosquitto,
+    pub proxy: FaultProxy,
+    pub a: Instance,
+    pub b: Instance,
+    pub alice: Peer,
+    pub bob: Peer,
+}
+
+impl FaultSetup {
+    /// `a` and `b` get the options `a_opts` and `b_opts` make of their broker URLs.
+    pub async fn start(
+        a_opts: impl FnOnce(InstanceOpts) -> InstanceOpts,
+        b_opts: impl FnOnce(InstanceOpts) -> InstanceOpts,
+    ) -> FaultSetup {
+        let m = Mosquitto::start();
+        let proxy = FaultProxy::start(m.port()).await;
+        let a = Instance::start(a_opts(InstanceOpts::url(&proxy.url()))).await;
+        let b = Instance::start(b_opts(InstanceOpts::broker(&m))).await;
+        let alice = Peer::connect(&a, "alice").await;
+        let bob = Peer::connect(&b, "bob").await;
+        FaultSetup { m, proxy, a, b, alice, bob }
+    }
+}
+
+/// Flags for a publish queue that holds exactly 16 messages padded with [`PAD`] bytes (each
+/// costs 4,200-4,300 queue bytes: topic + envelope + 64 bytes of bookkeeping) and refuses
+/// after waiting 1 s for room.
+pub const QUEUE_OF_16: [&str; 6] =
+    ["--publish-queue-bytes", "68800", "--max-message-bytes", "8192", "--broker-timeout", "1s"];
+pub const PAD: usize = 4_000;

@@ -12,7 +12,7 @@ use parking_lot::Mutex;
 use serde_json::json;
 
 use crate::peer::*;
-use crate::proxy::FaultProxy;
+use crate::proxy::{FaultProxy, FaultSetup, PAD, QUEUE_OF_16};
 use crate::support::*;
 
 /// Sends from `p` to each of `to` in turn, one round every `every`, until `stop` is set.
@@ -52,13 +52,8 @@ fn all_once_in_order(from: &Peer, to: &Peer, prefix: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_link_cut_for_5s_loses_no_acked_message_and_duplicates_none() {
-    let m = Mosquitto::start();
-    let proxy = FaultProxy::start(m.port()).await;
-    let a = Instance::start(unlimited(InstanceOpts::url(&proxy.url()))).await;
-    let b = Instance::start(unlimited(InstanceOpts::broker(&m))).await;
-    let mut alice = Peer::connect(&a, "alice").await;
+    let FaultSetup { proxy, a, mut alice, mut bob, .. } = FaultSetup::start(unlimited, unlimited).await;
     let carol = Peer::connect(&a, "carol").await;
-    let mut bob = Peer::connect(&b, "bob").await;
 
     let stop = AtomicBool::new(false);
     let every = Duration::from_millis(25);
@@ -114,12 +109,7 @@ async fn broker_link_cut_for_5s_loses_no_acked_message_and_duplicates_none() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_broker_link_is_noticed_and_every_acked_message_arrives_once_in_order() {
-    let m = Mosquitto::start();
-    let proxy = FaultProxy::start(m.port()).await;
-    let a = Instance::start(unlimited(InstanceOpts::url(&proxy.url()))).await;
-    let b = Instance::start(unlimited(InstanceOpts::broker(&m))).await;
-    let mut alice = Peer::connect(&a, "alice").await;
-    let bob = Peer::connect(&b, "bob").await;
+    let FaultSetup { proxy, a, b, mut alice, bob, .. } = FaultSetup::start(unlimited, unlimited).await;
     let stop = AtomicBool::new(false);
     let chaos = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -306,26 +296,10 @@ async fn restarting_an_instance_ten_times_leaves_no_sessions_or_subscriptions() 
     );
 }
 
-/// Padding that makes every message of the dead-broker test cost 4,200-4,300 queue bytes
-/// (topic + envelope + 64 bytes of bookkeeping), so a 68,800-byte queue holds exactly 16.
-const PAD: usize = 4_000;
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_toward_a_dead_broker_fails_with_unavailable_in_bounded_time() {
-    let m = Mosquitto::start();
-    let proxy = FaultProxy::start(m.port()).await;
-    let a = Instance::start(unlimited(InstanceOpts::url(&proxy.url())).args([
-        "--publish-queue-bytes",
-        "68800",
-        "--max-message-bytes",
-        "8192",
-        "--broker-timeout",
-        "1s",
-    ]))
-    .await;
-    let b = Instance::start(InstanceOpts::broker(&m)).await;
-    let mut alice = Peer::connect(&a, "alice").await;
-    let bob = Peer::connect(&b, "bob").await;
+    let FaultSetup { proxy, a, mut alice, bob, .. } =
+        FaultSetup::start(|o| unlimited(o).args(QUEUE_OF_16), |o| o).await;
     proxy.cut();
     a.wait_readyz(503, Duration::from_secs(5)).await;
     let pad = "p".repeat(PAD);
@@ -413,16 +387,17 @@ async fn probe(port: u16, token: String, api_key: &'static str, stop: Arc<Atomic
         ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
         ("Sec-WebSocket-Protocol", token.as_str()),
     ];
+    let publish = [("Authorization", auth.as_str())];
     let mut seen = Vec::new();
     while !stop.load(Ordering::Relaxed) {
-        let requests: [(&'static str, &str, &str, &[(&str, &str)], &[u8]); 3] = [
-            ("readyz", "GET", "/readyz", &[], b""),
-            ("upgrade", "GET", "/entrypoint", &upgrade, b""),
-            ("publish", "POST", "/api/publish", &[("Authorization", &auth)], br#"{"to":"probe","message":1}"#),
+        let at = Instant::now();
+        let statuses = [
+            ("readyz", get(port, "/readyz").await),
+            ("upgrade", http(port, "GET", "/entrypoint", &upgrade, b"").await),
+            ("publish", http(port, "POST", "/api/publish", &publish, br#"{"to":"probe","message":1}"#).await),
         ];
-        for (what, method, path, headers, body) in requests {
-            let at = Instant::now();
-            if let Ok(r) = http(port, method, path, headers, body).await {
+        for (what, r) in statuses {
+            if let Ok(r) = r {
                 seen.push((at, what, r.status));
             }
         }
@@ -433,13 +408,9 @@ async fn probe(port: u16, token: String, api_key: &'static str, stop: Arc<Atomic
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_closes_with_1001_and_loses_no_acked_message() {
     const KEY: &str = "api-key-for-the-shutdown-test";
-    let m = Mosquitto::start();
-    let proxy = FaultProxy::start(m.port()).await;
-    let mut a = Instance::start(unlimited(InstanceOpts::url(&proxy.url())).args(["--api-key", KEY])).await;
-    let b = Instance::start(unlimited(InstanceOpts::broker(&m))).await;
+    let FaultSetup { m, proxy, mut a, b, alice, bob } =
+        FaultSetup::start(|o| unlimited(o).args(["--api-key", KEY]), unlimited).await;
     let a_cid = a.client_id();
-    let alice = Peer::connect(&a, "alice").await;
-    let bob = Peer::connect(&b, "bob").await;
     // Both keep sending, each from its own task, until alice's connection is closed.
     let alice_close = alice.close.clone();
     let every = Duration::from_millis(10);
@@ -616,14 +587,19 @@ async fn connection_limits_refuse_before_upgrade_and_free_slots_on_close() {
     let _c = inst.connect("carol").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unsubscribes_lost_with_the_link_are_sent_again_after_the_reconnect() {
+/// alice and bob on one instance that reaches its broker through a fault proxy.
+async fn alice_and_bob_behind_a_proxy() -> (Mosquitto, FaultProxy, Instance, Client, Client) {
     let m = Mosquitto::start();
     let proxy = FaultProxy::start(m.port()).await;
     let a = Instance::start(InstanceOpts::url(&proxy.url())).await;
+    let (alice, bob) = (a.connect("alice").await, a.connect("bob").await);
+    (m, proxy, a, alice, bob)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsubscribes_lost_with_the_link_are_sent_again_after_the_reconnect() {
+    let (m, proxy, a, mut alice, bob) = alice_and_bob_behind_a_proxy().await;
     let cid = a.client_id();
-    let mut alice = a.connect("alice").await;
-    let bob = a.connect("bob").await;
     proxy.cut();
     a.wait_readyz(503, Duration::from_secs(5)).await;
     // bob leaves while the link is down: his UNSUBSCRIBE cannot go out now.
@@ -646,12 +622,8 @@ async fn unsubscribes_lost_with_the_link_are_sent_again_after_the_reconnect() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_unsubscribe_heals_itself_when_a_message_comes_for_the_gone_user() {
-    let m = Mosquitto::start();
-    let proxy = FaultProxy::start(m.port()).await;
-    let a = Instance::start(InstanceOpts::url(&proxy.url())).await;
+    let (m, proxy, a, mut alice, bob) = alice_and_bob_behind_a_proxy().await;
     let cid = a.client_id();
-    let mut alice = a.connect("alice").await;
-    let bob = a.connect("bob").await;
     // The UNSUBSCRIBE is written into a stalled link, then the link is cut: it never reaches
     // the broker, and the instance believes it was sent.
     proxy.stall();
