@@ -154,3 +154,15 @@ async fn a_client_close_is_answered_with_a_close_frame() {
     assert_eq!(c.recv_close(Duration::from_secs(5)).await, Some(1000), "no close frame came back");
     inst.wait_metric("fanout_connections", |v| v == 0.0, Duration::from_secs(5)).await;
 }
+
+/// The test helpers themselves: a connection that dies while a test waits for silence (or a
+/// frame) fails the test — "exactly once" must not pass on a dropped connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[should_panic(expected = "while a frame was awaited")]
+async fn waiting_for_silence_on_a_connection_that_dies_fails() {
+    let m = Mosquitto::start();
+    let inst = Instance::start(InstanceOpts::broker(&m)).await;
+    let mut c = inst.connect("doomed").await;
+    drop(inst); // SIGKILL: the socket closes without a close frame
+    c.expect_silence(Duration::from_secs(5), "doomed").await;
+}
