@@ -401,6 +401,7 @@ async fn probe(port: u16, token: String, api_key: &'static str, stop: Arc<Atomic
                 seen.push((at, what, r.status));
             }
         }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     seen
 }
@@ -418,12 +419,12 @@ async fn sigterm_under_load_closes_with_1001_and_loses_no_acked_message() {
     let bob_traffic = tokio::spawn(send_while(bob, "alice", "b-", every, move |_| alice_close.lock().is_none()));
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    // From now on the broker answers A a second late: shutdown waits for PUBACKs and for the
-    // broker's answers while it ends its session, which keeps its last phase long enough to
-    // watch from outside.
+    // From now on the broker answers A a second late: at SIGTERM, PUBACKs for what alice sent
+    // meanwhile are on their way, and shutdown waits for them (and for the broker's answers
+    // while it ends the session) — long enough to watch it from outside.
     proxy.delay_answers(Duration::from_secs(1));
-    let stop = Arc::new(AtomicBool::new(false));
     let prober = tokio::spawn(probe(a.port, a.token("late-comer"), KEY, stop.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let t0 = Instant::now();
     a.sigterm();
     let status = a.wait_exit(Duration::from_secs(15)).await.expect("no exit within 15 s of SIGTERM");
@@ -646,4 +647,75 @@ async fn a_lost_unsubscribe_heals_itself_when_a_message_comes_for_the_gone_user(
     assert_eq!(alice.recv_text().await, "sentinel");
     assert_eq!(a.metric_or_zero("fanout_dropped_total{reason=\"no_local_user\"}").await, 1.0);
     assert_eq!(a.metric_or_zero("fanout_messages_in_total{source=\"mqtt\"}").await, 2.0, "the first and the sentinel");
+}
+
+/// Opens a WebSocket for `user` by hand and never reads from it: once frames for the user
+/// fill the socket buffers, the session is stuck in a write.
+async fn silent_socket(inst: &Instance, user: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", inst.port)).await.unwrap();
+    let req = format!(
+        "GET /entrypoint HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Protocol: {}\r\n\r\n",
+        inst.token(user)
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).await.unwrap(), 1, "upgrade response cut short");
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_refuses_new_work_all_along_while_a_stuck_socket_holds_it_up() {
+    const KEY: &str = "api-key-for-the-stuck-shutdown-test";
+    let m = Mosquitto::start();
+    let mut a = Instance::start(InstanceOpts::broker(&m).args(["--api-key", KEY, "--send-queue", "67108864"])).await;
+    let alice = Peer::connect(&a, "alice").await;
+    // A client that stopped reading, with megabytes waiting for it: its session is stuck in a
+    // socket write (deadline 10 s) and holds the shutdown for its 5 s grace.
+    let _stuck = silent_socket(&a, "stuck").await;
+    a.wait_metric("fanout_users", |v| v == 2.0, Duration::from_secs(5)).await;
+    let big = "x".repeat(1 << 20);
+    for _ in 0..12 {
+        m.publish_text("msg/stuck", &big);
+    }
+    let queued = a.wait_metric("fanout_outbox_max_queued_bytes", |v| v > 0.0, Duration::from_secs(10)).await;
+    assert!(queued > 0.0, "the socket never filled up");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let prober = tokio::spawn(probe(a.port, a.token("late-comer"), KEY, stop.clone()));
+    let t0 = Instant::now();
+    a.sigterm();
+    let status = a.wait_exit(Duration::from_secs(15)).await.expect("no exit within 15 s of SIGTERM");
+    let took = t0.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let probes = prober.await.unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    // alice was closed at once; the stuck session held the instance for the 5 s grace.
+    wait_until("alice's close", Duration::from_secs(1), || alice.closed().is_some()).await;
+    assert_eq!(alice.closed(), Some(1001));
+    let closed_after = alice.closed_at().unwrap() - t0;
+    assert!(closed_after < Duration::from_secs(1), "alice was closed {closed_after:?} after SIGTERM");
+    assert!(
+        took >= Duration::from_secs(5) && took < Duration::from_secs(12),
+        "exit {took:?} after SIGTERM (5 s grace for sockets, then the broker session)"
+    );
+    // All along — while the broker link was still up and nothing had been handed over to it
+    // yet — the instance refused: not ready, no new WebSocket, no API publish.
+    let after: Vec<&Probe> = probes.iter().filter(|(at, _, _)| *at >= alice.closed_at().unwrap()).collect();
+    for what in ["readyz", "upgrade", "publish"] {
+        let statuses: Vec<u16> = after.iter().filter(|p| p.1 == what).map(|p| p.2).collect();
+        assert!(statuses.len() >= 10, "only {} {what} answers during the shutdown", statuses.len());
+        assert!(statuses.iter().all(|s| *s == 503), "{what} during shutdown answered {statuses:?}");
+    }
+    eprintln!(
+        "stuck shutdown: exit 0 after {took:?}, alice closed after {closed_after:?}, {} refusals watched",
+        after.len()
+    );
 }

@@ -120,7 +120,7 @@ impl Instance {
                 break;
             }
         }
-        panic!("fanout instance {id} did not become ready within {READY_TIMEOUT:?}; output:\n{last_output}");
+        panic!("fanout instance {id} exited or did not become ready within {READY_TIMEOUT:?}; output:\n{last_output}");
     }
 
     /// Everything the process printed so far.
