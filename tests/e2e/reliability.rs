@@ -412,11 +412,13 @@ async fn sigterm_under_load_closes_with_1001_and_loses_no_acked_message() {
     let FaultSetup { m, proxy, mut a, b, alice, bob } =
         FaultSetup::start(|o| unlimited(o).args(["--api-key", KEY]), unlimited).await;
     let a_cid = a.client_id();
-    // Both keep sending, each from its own task, until alice's connection is closed.
-    let alice_close = alice.close.clone();
+    // Both keep sending, each from its own task: alice until her connection is closed, bob (on
+    // the other instance) until A has exited.
     let every = Duration::from_millis(10);
+    let stop = Arc::new(AtomicBool::new(false));
+    let a_gone = stop.clone();
     let alice_traffic = tokio::spawn(send_while(alice, "bob", "a-", every, |p| p.closed().is_none()));
-    let bob_traffic = tokio::spawn(send_while(bob, "alice", "b-", every, move |_| alice_close.lock().is_none()));
+    let bob_traffic = tokio::spawn(send_while(bob, "alice", "b-", every, move |_| !a_gone.load(Ordering::Relaxed)));
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // From now on the broker answers A a second late: at SIGTERM, PUBACKs for what alice sent
