@@ -27,7 +27,7 @@ async fn acks_within(p: &Peer, n: usize, timeout: Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acked_messages_replayed_against_a_broker_answering_300ms_late_all_arrive_in_order() {
-    let FaultSetup { proxy, a, b, mut alice, bob, .. } = FaultSetup::start(unlimited, |o| o).await;
+    let FaultSetup { proxy, a, b, mut alice, bob, m: _m } = FaultSetup::start(unlimited, |o| o).await;
     // A black hole: the link looks up, nothing arrives. 2,500 messages are acked meanwhile.
     proxy.stall();
     const N: usize = 2_500;
@@ -51,7 +51,7 @@ async fn acked_messages_replayed_against_a_broker_answering_300ms_late_all_arriv
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn order_holds_across_two_link_failures_in_a_row() {
-    let FaultSetup { proxy, a, b, mut alice, bob, .. } = FaultSetup::start(unlimited, |o| o).await;
+    let FaultSetup { proxy, a, b, mut alice, bob, m: _m } = FaultSetup::start(unlimited, |o| o).await;
     const N: usize = 1_500;
     proxy.stall();
     send_burst(&mut alice, "bob", "o", N).await;
@@ -80,7 +80,7 @@ async fn order_holds_across_two_link_failures_in_a_row() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_still_delivers_acked_messages_when_the_link_returns_during_it() {
-    let FaultSetup { m, proxy, mut a, mut alice, bob, .. } = FaultSetup::start(unlimited, |o| o).await;
+    let FaultSetup { m, proxy, mut a, mut alice, bob, b: _b } = FaultSetup::start(unlimited, |o| o).await;
     proxy.cut();
     a.wait_readyz(503, Duration::from_secs(5)).await;
     send_burst(&mut alice, "bob", "s", 50).await;
@@ -271,7 +271,7 @@ async fn a_connection_that_does_not_finish_its_request_head_in_10s_is_closed() {
 async fn the_publish_api_answers_503_when_the_queue_stays_full_and_never_sends_that_message() {
     const KEY: &str = "api-key-for-the-full-queue-test";
     // A queue that holds 16 of the ~4.2 KB messages below (as in the dead-broker test).
-    let FaultSetup { proxy, a, bob, .. } =
+    let FaultSetup { proxy, a, bob, m: _m, b: _b, alice: _alice } =
         FaultSetup::start(|o| o.args(["--api-key", KEY]).args(QUEUE_OF_16), |o| o).await;
     // The link stays up but nothing is acknowledged: accepted publishes fill the queue.
     proxy.stall();

@@ -170,6 +170,9 @@ async fn finish(
 
 /// The setting of the broker-fault tests: one Mosquitto; instance `a` reaches it through a
 /// fault proxy, instance `b` directly; alice is connected to `a`, bob to `b`.
+///
+/// Bind every field when taking it apart (`m: _m` for one a test does not use): a field left
+/// to `..` is dropped at once, and with it the broker or the instance.
 pub struct FaultSetup {
     pub m: Mosquitto,
     pub proxy: FaultProxy,

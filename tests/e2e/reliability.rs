@@ -52,7 +52,7 @@ fn all_once_in_order(from: &Peer, to: &Peer, prefix: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_link_cut_for_5s_loses_no_acked_message_and_duplicates_none() {
-    let FaultSetup { proxy, a, mut alice, mut bob, .. } = FaultSetup::start(unlimited, unlimited).await;
+    let FaultSetup { proxy, a, mut alice, mut bob, m: _m, b: _b } = FaultSetup::start(unlimited, unlimited).await;
     let carol = Peer::connect(&a, "carol").await;
 
     let stop = AtomicBool::new(false);
@@ -109,7 +109,7 @@ async fn broker_link_cut_for_5s_loses_no_acked_message_and_duplicates_none() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_broker_link_is_noticed_and_every_acked_message_arrives_once_in_order() {
-    let FaultSetup { proxy, a, b, mut alice, bob, .. } = FaultSetup::start(unlimited, unlimited).await;
+    let FaultSetup { proxy, a, b, mut alice, bob, m: _m } = FaultSetup::start(unlimited, unlimited).await;
     let stop = AtomicBool::new(false);
     let chaos = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -298,7 +298,7 @@ async fn restarting_an_instance_ten_times_leaves_no_sessions_or_subscriptions() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_toward_a_dead_broker_fails_with_unavailable_in_bounded_time() {
-    let FaultSetup { proxy, a, mut alice, bob, .. } =
+    let FaultSetup { proxy, a, mut alice, bob, m: _m, b: _b } =
         FaultSetup::start(|o| unlimited(o).args(QUEUE_OF_16), |o| o).await;
     proxy.cut();
     a.wait_readyz(503, Duration::from_secs(5)).await;
