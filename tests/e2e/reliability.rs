@@ -131,7 +131,10 @@ async fn a_stalled_broker_link_is_noticed_and_every_acked_message_arrives_once_i
     wait_until("every acked message delivered", Duration::from_secs(20), || bob.received_ids().len() >= n).await;
     all_once_in_order(&alice, &bob, "s-");
     assert_eq!((alice.closed(), bob.closed()), (None, None), "a client was disconnected");
-    assert!(noticed <= Duration::from_secs(22), "the stall was noticed only after {noticed:?}");
+    assert!(
+        noticed <= Duration::from_secs(25),
+        "the stall was noticed only after {noticed:?} (keep-alive 10 s: 10-20 s)"
+    );
     let dropped = b.metric_or_zero("fanout_dropped_total{reason=\"duplicate\"}").await;
     eprintln!(
         "stalled link: noticed after {noticed:?}, ready {back:?} after the heal; {n} sent, acked, delivered once in order ({dropped} re-sent copies dropped)"
