@@ -137,21 +137,7 @@ async fn rate_limit_charges_each_recipient_and_refuses_a_costlier_frame_whole() 
 
 /// Opens a WebSocket by hand and resets it (RST, not FIN) without reading anything.
 async fn upgrade_and_reset(inst: &Instance, user: &str) {
-    let mut s = TcpStream::connect(("127.0.0.1", inst.port)).await.unwrap();
-    let req = format!(
-        "GET /entrypoint HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-         Sec-WebSocket-Protocol: {}\r\n\r\n",
-        inst.token(user)
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut b).await.unwrap(), 1, "upgrade response cut short");
-        head.push(b[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    let s = raw_websocket(inst, user).await;
     // Linger 0 makes the close a reset; it cannot block with a zero timeout.
     #[allow(deprecated)]
     s.set_linger(Some(Duration::ZERO)).unwrap();

@@ -146,3 +146,26 @@ pub fn assert_all_once_in_order(p: &Peer, prefix: &str, n: usize) {
         );
     }
 }
+
+/// Opens a WebSocket for `user` by hand (the 101 read byte by byte) and returns the TCP stream:
+/// nothing reads from it unless the test does, so frames for the user pile up in the socket
+/// buffers and then the session's outbox.
+pub async fn raw_websocket(inst: &Instance, user: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", inst.port)).await.unwrap();
+    let req = format!(
+        "GET /entrypoint HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Protocol: {}\r\n\r\n",
+        inst.token(user)
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).await.unwrap(), 1, "upgrade response cut short");
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    s
+}

@@ -409,6 +409,36 @@ async fn probe(port: u16, token: String, api_key: &'static str, stop: Arc<Atomic
     seen
 }
 
+/// Probes `a` (see [`probe`]) from now on, sends it SIGTERM `lead` later and waits for its
+/// exit: the exit status, when SIGTERM went, how long the exit took, and every answer.
+async fn sigterm_while_probing(
+    a: &mut Instance,
+    key: &'static str,
+    lead: Duration,
+) -> (std::process::ExitStatus, Instant, Duration, Vec<Probe>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let prober = tokio::spawn(probe(a.port, a.token("late-comer"), key, stop.clone()));
+    tokio::time::sleep(lead).await;
+    let t0 = Instant::now();
+    a.sigterm();
+    let status = a.wait_exit(Duration::from_secs(15)).await.expect("no exit within 15 s of SIGTERM");
+    let took = t0.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    (status, t0, took, prober.await.unwrap())
+}
+
+/// Every answer to a request made from `since` on was a refusal (503) — at least `at_least`
+/// of each kind; how many there were.
+fn all_refused_since(probes: &[Probe], since: Instant, at_least: usize) -> usize {
+    let after: Vec<&Probe> = probes.iter().filter(|(at, _, _)| *at >= since).collect();
+    for what in ["readyz", "upgrade", "publish"] {
+        let statuses: Vec<u16> = after.iter().filter(|p| p.1 == what).map(|p| p.2).collect();
+        assert!(statuses.len() >= at_least, "only {} {what} answers during the shutdown", statuses.len());
+        assert!(statuses.iter().all(|s| *s == 503), "{what} during shutdown answered {statuses:?}");
+    }
+    after.len()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_closes_with_1001_and_loses_no_acked_message() {
     const KEY: &str = "api-key-for-the-shutdown-test";
@@ -428,14 +458,8 @@ async fn sigterm_under_load_closes_with_1001_and_loses_no_acked_message() {
     // meanwhile are on their way, and shutdown waits for them (and for the broker's answers
     // while it ends the session) — long enough to watch it from outside.
     proxy.delay_answers(Duration::from_secs(1));
-    let prober = tokio::spawn(probe(a.port, a.token("late-comer"), KEY, stop.clone()));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let t0 = Instant::now();
-    a.sigterm();
-    let status = a.wait_exit(Duration::from_secs(15)).await.expect("no exit within 15 s of SIGTERM");
-    let took = t0.elapsed();
+    let (status, t0, took, probes) = sigterm_while_probing(&mut a, KEY, Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
-    let probes = prober.await.unwrap();
     let alice = alice_traffic.await.unwrap();
     let mut bob = bob_traffic.await.unwrap();
     assert!(status.success(), "exit status {status:?}");
@@ -446,12 +470,7 @@ async fn sigterm_under_load_closes_with_1001_and_loses_no_acked_message() {
     // Once alice had her 1001, every answer until the exit was a refusal: not ready, no new
     // WebSocket, no API publish.
     let closed_at = alice.closed_at().unwrap();
-    let after: Vec<&Probe> = probes.iter().filter(|(at, _, _)| *at >= closed_at).collect();
-    for what in ["readyz", "upgrade", "publish"] {
-        let statuses: Vec<u16> = after.iter().filter(|p| p.1 == what).map(|p| p.2).collect();
-        assert!(!statuses.is_empty(), "no {what} answered between alice's close and the exit ({took:?})");
-        assert!(statuses.iter().all(|s| *s == 503), "{what} during shutdown answered {statuses:?}");
-    }
+    let refusals = all_refused_since(&probes, closed_at, 1);
     // The broker saw A unsubscribe alice, then end its session: a clean connect and DISCONNECT.
     let log = m.log_lines();
     let unsub = log.iter().position(|l| *l == format!("{a_cid} msg/alice")).expect("no UNSUBSCRIBE msg/alice");
@@ -485,9 +504,8 @@ async fn sigterm_under_load_closes_with_1001_and_loses_no_acked_message() {
     })
     .await;
     eprintln!(
-        "sigterm under load: alice sent {} ({sent_after} after SIGTERM), {n} acked and all delivered once; exit 0 after {took:?}; {} refusals (503) watched after the 1001",
+        "sigterm under load: alice sent {} ({sent_after} after SIGTERM), {n} acked and all delivered once; exit 0 after {took:?}; {refusals} refusals (503) watched after the 1001",
         alice.sent.len(),
-        after.len()
     );
 }
 
@@ -602,6 +620,22 @@ async fn alice_and_bob_behind_a_proxy() -> (Mosquitto, FaultProxy, Instance, Cli
     (m, proxy, a, alice, bob)
 }
 
+/// The broker's log shows `cid` unsubscribing msg/bob (once) within 5 s; else fails with `why`.
+async fn assert_unsubscribes_bob(m: &Mosquitto, cid: &str, why: &str) {
+    assert!(m.wait_for_log(|m| m.unsubscribe_count(cid, "msg/bob") == 1, Duration::from_secs(5)).await, "{why}");
+}
+
+/// Publishes a message for bob, then a sentinel for alice, and waits for the sentinel (so the
+/// one for bob was handled before it): A's counts of messages from the broker and of those
+/// dropped for want of a local user.
+async fn after_a_message_for_bob(m: &Mosquitto, a: &Instance, alice: &mut Client) -> (f64, f64) {
+    m.publish_text("msg/bob", "for nobody");
+    m.publish_text("msg/alice", "sentinel");
+    assert_eq!(alice.recv_text().await, "sentinel");
+    let came = a.metric_or_zero("fanout_messages_in_total{source=\"mqtt\"}").await;
+    (came, a.metric_or_zero("fanout_dropped_total{reason=\"no_local_user\"}").await)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsubscribes_lost_with_the_link_are_sent_again_after_the_reconnect() {
     let (m, proxy, a, mut alice, bob) = alice_and_bob_behind_a_proxy().await;
@@ -615,15 +649,9 @@ async fn unsubscribes_lost_with_the_link_are_sent_again_after_the_reconnect() {
     a.wait_readyz(200, Duration::from_secs(10)).await;
     // The broker kept the persistent session (and msg/bob in it): the UNSUBSCRIBE is sent with
     // the reconnect, before any message for bob could arrive.
-    assert!(
-        m.wait_for_log(|m| m.unsubscribe_count(&cid, "msg/bob") == 1, Duration::from_secs(5)).await,
-        "no UNSUBSCRIBE msg/bob after the reconnect"
-    );
-    m.publish_text("msg/bob", "for nobody");
-    m.publish_text("msg/alice", "sentinel");
-    assert_eq!(alice.recv_text().await, "sentinel");
-    assert_eq!(a.metric_or_zero("fanout_messages_in_total{source=\"mqtt\"}").await, 1.0, "only the sentinel came");
-    assert_eq!(a.metric_or_zero("fanout_dropped_total{reason=\"no_local_user\"}").await, 0.0);
+    assert_unsubscribes_bob(&m, &cid, "no UNSUBSCRIBE msg/bob after the reconnect").await;
+    let (came, dropped) = after_a_message_for_bob(&m, &a, &mut alice).await;
+    assert_eq!((came, dropped), (1.0, 0.0), "only the sentinel came to A");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -642,38 +670,10 @@ async fn a_lost_unsubscribe_heals_itself_when_a_message_comes_for_the_gone_user(
     a.wait_readyz(200, Duration::from_secs(10)).await;
     assert_eq!(m.unsubscribe_count(&cid, "msg/bob"), 0, "the UNSUBSCRIBE was not lost; the test proves nothing");
     // A message for bob still comes to A, which holds nobody for it: A unsubscribes again.
-    m.publish_text("msg/bob", "for nobody 1");
-    assert!(
-        m.wait_for_log(|m| m.unsubscribe_count(&cid, "msg/bob") == 1, Duration::from_secs(5)).await,
-        "A did not unsubscribe msg/bob when a message came for it"
-    );
-    m.publish_text("msg/bob", "for nobody 2");
-    m.publish_text("msg/alice", "sentinel");
-    assert_eq!(alice.recv_text().await, "sentinel");
-    assert_eq!(a.metric_or_zero("fanout_dropped_total{reason=\"no_local_user\"}").await, 1.0);
-    assert_eq!(a.metric_or_zero("fanout_messages_in_total{source=\"mqtt\"}").await, 2.0, "the first and the sentinel");
-}
-
-/// Opens a WebSocket for `user` by hand and never reads from it: once frames for the user
-/// fill the socket buffers, the session is stuck in a write.
-async fn silent_socket(inst: &Instance, user: &str) -> tokio::net::TcpStream {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", inst.port)).await.unwrap();
-    let req = format!(
-        "GET /entrypoint HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-         Sec-WebSocket-Protocol: {}\r\n\r\n",
-        inst.token(user)
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut b).await.unwrap(), 1, "upgrade response cut short");
-        head.push(b[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
-    s
+    m.publish_text("msg/bob", "for nobody");
+    assert_unsubscribes_bob(&m, &cid, "A did not unsubscribe msg/bob when a message came for it").await;
+    let (came, dropped) = after_a_message_for_bob(&m, &a, &mut alice).await;
+    assert_eq!((came, dropped), (2.0, 1.0), "the first message for bob and the sentinel came to A");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -684,7 +684,7 @@ async fn shutdown_refuses_new_work_all_along_while_a_stuck_socket_holds_it_up() 
     let alice = Peer::connect(&a, "alice").await;
     // A client that stopped reading, with megabytes waiting for it: its session is stuck in a
     // socket write (deadline 10 s) and holds the shutdown for its 5 s grace.
-    let _stuck = silent_socket(&a, "stuck").await;
+    let _stuck = raw_websocket(&a, "stuck").await;
     a.wait_metric("fanout_users", |v| v == 2.0, Duration::from_secs(5)).await;
     let big = "x".repeat(1 << 20);
     for _ in 0..12 {
@@ -693,14 +693,7 @@ async fn shutdown_refuses_new_work_all_along_while_a_stuck_socket_holds_it_up() 
     let queued = a.wait_metric("fanout_outbox_max_queued_bytes", |v| v > 0.0, Duration::from_secs(10)).await;
     assert!(queued > 0.0, "the socket never filled up");
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let prober = tokio::spawn(probe(a.port, a.token("late-comer"), KEY, stop.clone()));
-    let t0 = Instant::now();
-    a.sigterm();
-    let status = a.wait_exit(Duration::from_secs(15)).await.expect("no exit within 15 s of SIGTERM");
-    let took = t0.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    let probes = prober.await.unwrap();
+    let (status, t0, took, probes) = sigterm_while_probing(&mut a, KEY, Duration::ZERO).await;
     assert!(status.success(), "exit status {status:?}");
     // alice was closed at once; the stuck session held the instance for the 5 s grace.
     wait_until("alice's close", Duration::from_secs(1), || alice.closed().is_some()).await;
@@ -713,14 +706,8 @@ async fn shutdown_refuses_new_work_all_along_while_a_stuck_socket_holds_it_up() 
     );
     // All along — while the broker link was still up and nothing had been handed over to it
     // yet — the instance refused: not ready, no new WebSocket, no API publish.
-    let after: Vec<&Probe> = probes.iter().filter(|(at, _, _)| *at >= alice.closed_at().unwrap()).collect();
-    for what in ["readyz", "upgrade", "publish"] {
-        let statuses: Vec<u16> = after.iter().filter(|p| p.1 == what).map(|p| p.2).collect();
-        assert!(statuses.len() >= 10, "only {} {what} answers during the shutdown", statuses.len());
-        assert!(statuses.iter().all(|s| *s == 503), "{what} during shutdown answered {statuses:?}");
-    }
+    let refusals = all_refused_since(&probes, alice.closed_at().unwrap(), 10);
     eprintln!(
-        "stuck shutdown: exit 0 after {took:?}, alice closed after {closed_after:?}, {} refusals watched",
-        after.len()
+        "stuck shutdown: exit 0 after {took:?}, alice closed after {closed_after:?}, {refusals} refusals watched"
     );
 }
