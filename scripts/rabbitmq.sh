@@ -16,6 +16,8 @@
 #   RMQ_NAME        node-name prefix: nodes are <prefix><i>@localhost (default: rmq)
 #   RMQ_QUEUE_TYPE  queue type of persistent MQTT sessions: quorum (replicated on every node,
 #                   survives the loss of a node) or classic (lives on one node)  (default: quorum)
+#   RMQ_OWNER_PID   take the cluster down when this process is gone (tests set it, so an
+#                   interrupted or killed test run leaves no Erlang VM running)
 # rabbitmq-server is installed with apt when missing. The Erlang cookie is $HOME's, shared by
 # the nodes and rabbitmqctl run as the same user.
 set -euo pipefail
@@ -106,6 +108,11 @@ case "$cmd" in
     echo "$n" > "$DIR/size"
     t0=$SECONDS
     for i in $(seq 1 "$n"); do configure "$i" "$n"; start_node "$i"; done
+    if [ -n "${RMQ_OWNER_PID:-}" ]; then
+      # The nodes run in their own sessions and outlive whoever started them.
+      nohup bash -c 'while kill -0 "$1" 2>/dev/null; do sleep 0.5; done; RMQ_DIR="$2" RMQ_NAME="$3" exec bash "$4" down' \
+        rabbitmq-watchdog "$RMQ_OWNER_PID" "$DIR" "$NAME" "$0" </dev/null >>"$DIR/watchdog.log" 2>&1 &
+    fi
     for i in $(seq 1 "$n"); do wait_mqtt "$i"; done
     deadline=$((SECONDS + 90))
     until [ "$(running_nodes)" = "$n" ]; do

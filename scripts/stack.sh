@@ -18,6 +18,8 @@
 #   STACK_BROKER          mosquitto (default) or rabbitmq: a 3-node RabbitMQ cluster
 #                         (scripts/rabbitmq.sh; instance i attaches to node i mod 3 and is
 #                         given every node for failover)
+#   STACK_OWNER_PID       take the stack down when this process is gone (tests set it, so an
+#                         interrupted or killed test run leaves nothing running)
 # Mosquitto and nginx are installed with apt when missing.
 set -euo pipefail
 
@@ -119,6 +121,13 @@ cmd_up() {
     if [ -e "$f" ] && alive "$f"; then die "already running (state in $DIR): scripts/stack.sh down first"; fi
   done
   rm -f "$DIR"/*.pid
+  if [ -n "${STACK_OWNER_PID:-}" ]; then
+    # The stack's processes are started with nohup and outlive whoever started them; this
+    # watchdog runs `down` once the owner has exited, however it exited.
+    nohup bash -c 'while kill -0 "$1" 2>/dev/null; do sleep 0.5; done; STACK_DIR="$2" exec bash "$3" down' \
+      stack-watchdog "$STACK_OWNER_PID" "$DIR" "$ROOT/scripts/stack.sh" </dev/null >>"$DIR/watchdog.log" 2>&1 &
+    echo $! >"$DIR/watchdog.pid"
+  fi
 
   local ports=()
   if [ -n "${STACK_INSTANCE_PORTS:-}" ]; then
@@ -266,6 +275,11 @@ stop_pid_file() { # <pid file> <seconds to wait after SIGTERM>
 
 cmd_down() {
   [ -d "$DIR" ] || { say "not running (no $DIR)"; return 0; }
+  # The watchdog is not needed any more (unless this is the watchdog itself).
+  if [ -f "$DIR/watchdog.pid" ] && [ "$(cat "$DIR/watchdog.pid")" != "$$" ]; then
+    kill "$(cat "$DIR/watchdog.pid")" 2>/dev/null || true
+  fi
+  rm -f "$DIR/watchdog.pid"
   # nginx first (no new sockets), then the instances in parallel (each closes its sockets with
   # 1001 and removes its MQTT session; bounded by 10 s), the broker last.
   stop_pid_file "$DIR/nginx-main.pid" 5

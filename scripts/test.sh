@@ -46,15 +46,21 @@ cargo clippy --manifest-path fuzz/Cargo.toml --no-default-features --all-targets
 echo "test.sh: bench crate: cargo fmt --check, cargo clippy"
 cargo fmt --check --manifest-path bench/Cargo.toml
 cargo clippy --manifest-path bench/Cargo.toml --all-targets -- -D warnings
-echo "test.sh: cargo test --release --all-targets --no-fail-fast"
-cargo test --release --all-targets --no-fail-fast
+# Two test binaries: tests/it (fast, in parallel, with the unit tests) and tests/e2e (broker
+# faults, floods, shutdown, nginx, the browser, RabbitMQ: they measure time and memory, so one
+# at a time). Everything below runs even when something fails; the script fails at the end.
+echo "test.sh: cargo test --release --no-fail-fast --lib --bins --test it"
+tests_ok=true
+cargo test --release --no-fail-fast --lib --bins --test it || tests_ok=false
+echo "test.sh: cargo test --release --no-fail-fast --test e2e -- --test-threads=1"
+cargo test --release --no-fail-fast --test e2e -- --test-threads=1 || tests_ok=false
 # The benchmark tool keeps working: a tiny run of every scenario (well under 20 s) against its
 # own Mosquitto and the fanout binary built here (target/release/fanout); it exits non-zero when
 # a scenario fails or loses messages.
 echo "test.sh: fanout-bench --smoke"
 cargo build --release --bin fanout
 cargo build --release --manifest-path bench/Cargo.toml
-bench/target/release/fanout-bench --smoke --fanout target/release/fanout --out target/bench-smoke
+bench/target/release/fanout-bench --smoke --fanout target/release/fanout --out target/bench-smoke || tests_ok=false
 
 # ---- JavaScript client (clients/js) ------------------------------------------------------
 # Node is on every machine (>= 20). `npm ci` installs the dev dependencies (ws, typescript)
@@ -62,10 +68,13 @@ bench/target/release/fanout-bench --smoke --fanout target/release/fanout --out t
 # integration tests drive target/release/fanout (built above) with Mosquitto and nginx via
 # scripts/stack.sh on free ports.
 echo "test.sh: clients/js: npm ci, typecheck, unit and integration tests"
+# (&& chains: `set -e` does not apply inside a command whose status `||` tests.)
 (
-  cd clients/js
-  npm ci --no-audit --no-fund
-  npm run --silent typecheck
-  FANOUT_BIN="$PWD/../../target/release/fanout" npm test
-  FANOUT_BIN="$PWD/../../target/release/fanout" npm run --silent test:integration
-)
+  cd clients/js &&
+    npm ci --no-audit --no-fund &&
+    npm run --silent typecheck &&
+    FANOUT_BIN="$PWD/../../target/release/fanout" npm test &&
+    FANOUT_BIN="$PWD/../../target/release/fanout" npm run --silent test:integration
+) || tests_ok=false
+$tests_ok || { echo "test.sh: some tests failed (see above)" >&2; exit 1; }
+echo "test.sh: everything passed"

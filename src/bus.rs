@@ -27,6 +27,8 @@
 //! * **Never blocks the loop.** The event loop task never awaits the client; every request is
 //!   `try_*`, and other tasks wait only on the bounded publish queue.
 
+#[cfg(test)]
+pub(crate) mod fake;
 mod state;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

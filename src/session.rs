@@ -72,8 +72,6 @@ pub async fn serve(on_upgrade: OnUpgrade, id: Identity, sh: Arc<Node>) {
     .await
 }
 
-type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
-
 /// Sends a close frame, best effort: the connection ends whether or not it got out.
 async fn send_close<S>(tx: &mut S, c: Close)
 where
@@ -87,7 +85,13 @@ where
 /// future's size is that of its largest await point, and this one lives as long as the
 /// connection, so an idle connection would otherwise carry ~1 KiB of write-path state
 /// (2,448 → 1,256 bytes, see `docs/benchmarks.md`). The price is one allocation per write.
-async fn run(ws: Socket, id: Identity, conn_id: uuid::Uuid, sh: Arc<Node>) {
+///
+/// Generic over the byte stream so tests can run a session over `tokio::io::duplex` on paused
+/// time; the service always passes the upgraded HTTP connection.
+async fn run<S>(ws: WebSocketStream<S>, id: Identity, conn_id: uuid::Uuid, sh: Arc<Node>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+{
     let started = Instant::now();
     let (mut tx, mut rx) = ws.split();
     let (outbox, mut outbox_rx) = Outbox::new(sh.cfg.send_queue_bytes);
@@ -127,7 +131,8 @@ async fn run(ws: Socket, id: Identity, conn_id: uuid::Uuid, sh: Arc<Node>) {
     // `exp` is capped by auth; a far deadline still must not overflow the timer.
     let expiry = now.checked_add(lifetime).unwrap_or(now + Duration::from_secs(100 * 365 * 24 * 3600));
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + sh.cfg.ping_interval, sh.cfg.ping_interval);
-    let mut last_heard = Instant::now();
+    // On tokio's clock (like the ping interval), so the idle timeout runs on paused time in tests.
+    let mut last_heard = tokio::time::Instant::now();
     // Created once, not per loop turn: a fresh timer or waiter list entry per frame would
     // be registered and removed again every time another branch wins.
     let shutdown = sh.shutdown.cancelled();
@@ -164,7 +169,7 @@ async fn run(ws: Socket, id: Identity, conn_id: uuid::Uuid, sh: Arc<Node>) {
                 }
             }
             m = rx.next() => {
-                last_heard = Instant::now();
+                last_heard = tokio::time::Instant::now();
                 match m {
                     Some(Ok(m)) => Box::pin(on_message(&sh, &id, &mut limiter, &mut tx, m)).await,
                     Some(Err(e)) if is_too_big(&e) => Some(End::Close(close::TOO_BIG)),
@@ -330,5 +335,214 @@ async fn handle_text(sh: &Node, id: &Identity, limiter: &mut RateLimiter, text: 
             e.client_message_id = cmid;
             reject(sh, e)
         }
+    }
+}
+
+/// The session's timers and rate accounting on paused time: a session runs over an in-memory
+/// pipe against a bus on a fake MQTT link ([`crate::bus::fake`]). The client side is read and
+/// written as raw WebSocket frames, so nothing answers the server's Pings unless the test does.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::fake::{config, FakeLink};
+    use crate::hub::Hub;
+    use serde_json::{json, Value};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+    use tokio::task::JoinHandle;
+    use tokio::time::Instant as TokioInstant;
+    use tokio_util::sync::CancellationToken;
+
+    const OP_TEXT: u8 = 0x1;
+    const OP_CLOSE: u8 = 0x8;
+    const OP_PING: u8 = 0x9;
+    const OP_PONG: u8 = 0xA;
+
+    struct Harness {
+        node: Arc<Node>,
+        link: FakeLink,
+    }
+
+    /// The client end of one session: raw frames, timed on tokio's (paused) clock.
+    struct Peer {
+        io: DuplexStream,
+        task: JoinHandle<()>,
+    }
+
+    fn harness(args: &[&str]) -> Harness {
+        let cfg = Arc::new(config(args));
+        let hub = Arc::new(Hub::new());
+        let metrics = Arc::new(Metrics::new("t"));
+        let shutdown = CancellationToken::new();
+        let mut link = FakeLink::new(&cfg, hub.clone(), metrics.clone(), shutdown.clone());
+        link.up();
+        Harness { node: Arc::new(Node { cfg, hub, bus: link.bus.clone(), metrics, shutdown }), link }
+    }
+
+    impl Harness {
+        /// Starts a session for `user` (token valid until `exp`, Unix seconds) over a pipe of
+        /// `pipe` bytes, confirms its SUBSCRIBE and reads `connected`.
+        async fn connect(&mut self, user: &str, exp: u64, pipe: usize) -> Peer {
+            let (client, server) = tokio::io::duplex(pipe);
+            let ws = WebSocketStream::from_raw_socket(server, Role::Server, Some(ws_config(&self.node.cfg))).await;
+            let id = Identity { user_id: user.to_string(), expires_at: exp, broadcast: false };
+            let task = tokio::spawn(run(ws, id, uuid::Uuid::new_v4(), self.node.clone()));
+            assert_eq!(self.link.confirm_next_subscribe().await, [format!("msg/{user}")]);
+            let mut peer = Peer { io: client, task };
+            let hello = peer.json().await;
+            assert_eq!(hello["event"], json!("connected"), "{hello}");
+            peer
+        }
+    }
+
+    fn in_an_hour() -> u64 {
+        crate::clock::unix_now() + 3600
+    }
+
+    impl Peer {
+        /// The next frame the server wrote: opcode and payload.
+        async fn frame(&mut self) -> (u8, Vec<u8>) {
+            let mut head = [0u8; 2];
+            self.io.read_exact(&mut head).await.expect("the server ended the connection");
+            assert_eq!(head[1] & 0x80, 0, "server frames are not masked");
+            let len = match head[1] & 0x7f {
+                126 => self.io.read_u16().await.unwrap() as usize,
+                127 => self.io.read_u64().await.unwrap() as usize,
+                n => n as usize,
+            };
+            let mut payload = vec![0; len];
+            self.io.read_exact(&mut payload).await.unwrap();
+            (head[0] & 0x0f, payload)
+        }
+
+        /// The next frame, which must be a JSON text frame.
+        async fn json(&mut self) -> Value {
+            let (op, payload) = self.frame().await;
+            assert_eq!(op, OP_TEXT, "expected a text frame, got opcode {op}");
+            serde_json::from_slice(&payload).unwrap()
+        }
+
+        /// The next frame must be a close: its code and reason.
+        async fn close(&mut self) -> (u16, String) {
+            let (op, payload) = self.frame().await;
+            assert_eq!(op, OP_CLOSE, "expected a close frame, got opcode {op}: {payload:?}");
+            (u16::from_be_bytes([payload[0], payload[1]]), String::from_utf8_lossy(&payload[2..]).into_owned())
+        }
+
+        /// Writes one client frame (masked with a zero key, so the payload goes as is).
+        async fn send(&mut self, op: u8, payload: &[u8]) {
+            assert!(payload.len() < 126);
+            let mut f = vec![0x80 | op, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+            f.extend_from_slice(payload);
+            self.io.write_all(&f).await.unwrap();
+        }
+
+        async fn send_json(&mut self, v: Value) {
+            self.send(OP_TEXT, v.to_string().as_bytes()).await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pings_every_20s_and_a_silent_peer_is_closed_1001_at_the_first_tick_past_60s() {
+        let mut h = harness(&[]);
+        let mut peer = h.connect("quiet", in_an_hour(), 64 * 1024).await;
+        let t0 = TokioInstant::now();
+        for n in 1..=3 {
+            assert_eq!(peer.frame().await, (OP_PING, vec![]));
+            assert_eq!(t0.elapsed(), Duration::from_secs(20 * n), "ping {n}");
+        }
+        // Silent for exactly 60 s at the third tick: not more than 60 s yet.
+        assert_eq!(peer.close().await, (1001, "idle timeout".to_string()));
+        assert_eq!(t0.elapsed(), Duration::from_secs(80));
+        peer.task.await.unwrap();
+        assert_eq!(h.node.hub.connections(), 0, "the session left the hub");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_answers_pings_stays_and_anything_it_sends_counts_as_life() {
+        let mut h = harness(&[]);
+        let mut peer = h.connect("chatty", in_an_hour(), 64 * 1024).await;
+        let t0 = TokioInstant::now();
+        for n in 1..=10 {
+            assert_eq!(peer.frame().await, (OP_PING, vec![]));
+            assert_eq!(t0.elapsed(), Duration::from_secs(20 * n));
+            peer.send(OP_PONG, b"").await;
+        }
+        // Silent from 200 s on, except for one `ping` event at 230 s.
+        assert_eq!(peer.frame().await, (OP_PING, vec![]));
+        tokio::time::sleep_until(t0 + Duration::from_secs(230)).await;
+        peer.send_json(json!({"event": "ping"})).await;
+        assert_eq!(peer.json().await, json!({"event": "pong", "data": {}}));
+        for at in [240, 260, 280] {
+            assert_eq!(peer.frame().await, (OP_PING, vec![]));
+            assert_eq!(t0.elapsed(), Duration::from_secs(at));
+        }
+        // At 300 s the peer has been silent for 70 s.
+        assert_eq!(peer.close().await, (1001, "idle timeout".to_string()));
+        assert_eq!(t0.elapsed(), Duration::from_secs(300));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_token_expiry_closes_with_4001_at_exp_to_the_millisecond() {
+        let mut h = harness(&[]);
+        let exp = crate::clock::unix_now() + 30;
+        let before = crate::clock::unix_millis();
+        let mut peer = h.connect("expiring", exp, 64 * 1024).await;
+        let after = crate::clock::unix_millis();
+        let t0 = TokioInstant::now();
+        assert_eq!(peer.frame().await, (OP_PING, vec![]), "the 20 s ping comes first");
+        assert_eq!(peer.close().await, (4001, "token expired".to_string()));
+        // The session measured the time left with the wall clock at some moment between
+        // `before` and `after`; its timer runs on tokio's clock from then.
+        let at = t0.elapsed().as_millis() as u64;
+        assert!(
+            (exp * 1000 - after..=exp * 1000 - before).contains(&at),
+            "closed {at} ms after connecting; exp was {} to {} ms away",
+            exp * 1000 - after,
+            exp * 1000 - before
+        );
+        peer.task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_that_does_not_finish_in_10s_drops_the_connection() {
+        let mut h = harness(&[]);
+        // A 4 KiB pipe the client never reads from again: a 64 KiB frame cannot be written.
+        let peer = h.connect("stuck", in_an_hour(), 4096).await;
+        assert_eq!(h.node.hub.connections(), 1);
+        let t0 = TokioInstant::now();
+        let frame = Message::text("x".repeat(64 * 1024));
+        h.node.hub.deliver("stuck", None, &frame).expect("stuck is held here");
+        peer.task.await.unwrap();
+        assert_eq!(t0.elapsed(), Duration::from_secs(10), "the write deadline");
+        assert_eq!(h.node.hub.connections(), 0, "the session left the hub");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pings_and_rejected_frames_cost_no_rate_tokens() {
+        // A bucket of 3 that practically never refills.
+        let mut h = harness(&["--rate-limit", "0.001", "--rate-burst", "3"]);
+        let mut peer = h.connect("alice", in_an_hour(), 64 * 1024).await;
+        for i in 0..20 {
+            peer.send_json(json!({"event": "ping"})).await;
+            assert_eq!(peer.json().await["event"], json!("pong"), "ping {i}");
+            peer.send_json(
+                json!({"event": "send_chat_message_to_participant", "data": {"participantId": "a/b", "message": 1}}),
+            )
+            .await;
+            assert_eq!(peer.json().await["data"]["code"], json!("invalid_participant"), "bad frame {i}");
+            peer.send(OP_PING, b"p").await;
+            assert_eq!(peer.frame().await, (OP_PONG, b"p".to_vec()));
+        }
+        let chat = |c: &str| json!({"event": "send_chat_message_to_participant", "data": {"participantId": "bob", "message": 1, "clientMessageId": c}});
+        for c in ["c1", "c2", "c3"] {
+            peer.send_json(chat(c)).await;
+            let v = peer.json().await;
+            assert_eq!((&v["event"], &v["data"]["clientMessageId"]), (&json!("ack"), &json!(c)), "{v}");
+        }
+        peer.send_json(chat("c4")).await;
+        let v = peer.json().await;
+        assert_eq!(v["data"]["code"], json!("rate_limited"), "{v}");
+        let published = h.link.drain().into_iter().filter(|r| matches!(r, rumqttc::Request::Publish(_))).count();
+        assert_eq!(published, 3);
     }
 }

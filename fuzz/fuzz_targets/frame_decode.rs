@@ -1,76 +1,12 @@
-//! `wire::decode` on arbitrary UTF-8 with both values of `may_broadcast`, and
-//! `wire::envelope_id` on arbitrary bytes. Also checks what must hold for every input:
-//! a decoded chat has 1..=100 valid recipients and a `message` that is valid JSON; every
-//! error has a non-empty message, and an echoed `clientMessageId` is at most 256 bytes.
-//! Anything decoded is a JSON object, and a chat's `data` is one too.
-//! Recipient ids are checked against an independent oracle: what Mosquitto accepts as one
-//! topic level (its `mosquitto_validate_utf8` plus no `/`, `+`, `#`), since a topic it
-//! refuses costs the whole broker connection.
+//! `wire::decode` on arbitrary UTF-8 and `wire::envelope_id` on arbitrary bytes, checked by
+//! the oracle in `fuzz/oracles/frame_decode.rs` (which `cargo test` also runs on every seed).
 #![no_main]
 
-use fanout::wire::{self, ClientEvent, Recipients, MAX_CLIENT_MESSAGE_ID, MAX_RECIPIENTS};
 use libfuzzer_sys::fuzz_target;
 
-/// One MQTT topic level Mosquitto accepts in a PUBLISH or SUBSCRIBE, 1-256 bytes.
-fn valid_topic_level(id: &str) -> bool {
-    (1..=256).contains(&id.len())
-        && !id.contains(['/', '+', '#'])
-        && id.chars().all(|c| {
-            let c = c as u32;
-            !(c <= 0x1f || (0x7f..=0x9f).contains(&c) || (0xfdd0..=0xfdef).contains(&c) || c & 0xfffe == 0xfffe)
-        })
-}
+#[path = "../oracles/frame_decode.rs"]
+mod oracle;
+#[path = "../oracles/topic.rs"]
+mod topic;
 
-fn check_user_id(id: &str) -> Result<(), String> {
-    if valid_topic_level(id) {
-        Ok(())
-    } else {
-        Err(format!("{id:?} is not one valid MQTT topic level"))
-    }
-}
-
-fuzz_target!(|data: &[u8]| {
-    let _ = wire::envelope_id(data);
-    let Ok(frame) = std::str::from_utf8(data) else { return };
-    // The frame as a generic JSON value, when serde_json can hold it (depth <= 128).
-    let value: Option<serde_json::Value> = serde_json::from_str(frame).ok();
-    for may_broadcast in [false, true] {
-        let decoded = wire::decode(frame, may_broadcast);
-        if let (Ok(_), Some(v)) = (&decoded, &value) {
-            assert!(v.is_object(), "a frame that is not a JSON object decoded");
-        }
-        match decoded {
-            Ok(ClientEvent::Ping) => {}
-            Ok(ClientEvent::Chat { to, message, client_message_id }) => {
-                if let Some(v) = &value {
-                    assert!(v["data"].is_object(), "a chat whose data is not a JSON object decoded");
-                }
-                match &to {
-                    Recipients::One(u) => assert!(check_user_id(u).is_ok(), "bad recipient {u:?}"),
-                    Recipients::Many(v) => {
-                        assert!(!v.is_empty() && v.len() <= MAX_RECIPIENTS, "{} recipients", v.len());
-                        for u in v {
-                            assert!(check_user_id(u).is_ok(), "bad recipient {u:?}");
-                        }
-                    }
-                    Recipients::All => assert!(may_broadcast, "broadcast without the scope"),
-                }
-                assert_ne!(message.get(), "null");
-                if let Some(c) = &client_message_id {
-                    assert!(c.len() <= MAX_CLIENT_MESSAGE_ID);
-                }
-                // The envelope built from it is one JSON text with the message verbatim.
-                let env = wire::chat_message("00000000-0000-4000-8000-000000000000", "me", &to, message, 1, None);
-                assert!(env.contains(message.get()));
-                assert!(wire::envelope_id(env.as_bytes()).is_some());
-            }
-            Err(e) => {
-                assert!(!e.message.is_empty());
-                if let Some(c) = &e.client_message_id {
-                    assert!(c.len() <= MAX_CLIENT_MESSAGE_ID);
-                }
-                let _ = wire::error(&e);
-            }
-        }
-    }
-});
+fuzz_target!(|data: &[u8]| oracle::check(data));
