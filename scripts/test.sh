@@ -51,9 +51,12 @@ cargo clippy --manifest-path bench/Cargo.toml --all-targets -- -D warnings
 # at a time). Everything below runs even when something fails; the script fails at the end.
 echo "test.sh: cargo test --release --no-fail-fast --lib --bins --test it"
 tests_ok=true
-cargo test --release --no-fail-fast --lib --bins --test it || tests_ok=false
+# Each run is also kept in target/test-logs, so that the failures can be shown again at the very
+# end, where a CI log that keeps only its last part still shows them.
+mkdir -p target/test-logs
+cargo test --release --no-fail-fast --lib --bins --test it 2>&1 | tee target/test-logs/it.log || tests_ok=false
 echo "test.sh: cargo test --release --no-fail-fast --test e2e -- --test-threads=1"
-cargo test --release --no-fail-fast --test e2e -- --test-threads=1 || tests_ok=false
+cargo test --release --no-fail-fast --test e2e -- --test-threads=1 2>&1 | tee target/test-logs/e2e.log || tests_ok=false
 # The benchmark tool keeps working: a tiny run of every scenario (well under 20 s) against its
 # own Mosquitto and the fanout binary built here (target/release/fanout); it exits non-zero when
 # a scenario fails or loses messages.
@@ -76,5 +79,14 @@ echo "test.sh: clients/js: npm ci, typecheck, unit and integration tests"
     FANOUT_BIN="$PWD/../../target/release/fanout" npm test &&
     FANOUT_BIN="$PWD/../../target/release/fanout" npm run --silent test:integration
 ) || tests_ok=false
-$tests_ok || { echo "test.sh: some tests failed (see above)" >&2; exit 1; }
+if ! $tests_ok; then
+  # The Rust tests' failure reports again (the last 250 lines of each), then the verdict.
+  for log in target/test-logs/it.log target/test-logs/e2e.log; do
+    grep -q '^failures:$' "$log" 2>/dev/null || continue
+    echo "test.sh: failures in $log (again):" >&2
+    sed -n '/^failures:$/,/^test result/p' "$log" | tail -n 250 >&2
+  done
+  echo "test.sh: some tests failed (see above)" >&2
+  exit 1
+fi
 echo "test.sh: everything passed"
