@@ -30,6 +30,16 @@ BIN=/usr/lib/rabbitmq/bin
 
 say() { printf 'rabbitmq: %s\n' "$*" >&2; }
 die() { printf 'rabbitmq: %s\n' "$*" >&2; exit 1; }
+# The end of every node's output and log, for a start that failed (the caller's directory may
+# be a temporary one that is gone by the time someone reads the message).
+node_logs() {
+  local f
+  for f in "$DIR"/n*/stdout "$DIR"/n*/log/*.log; do
+    [ -s "$f" ] || continue
+    printf -- '--- %s (last 15 lines)\n' "$f" >&2
+    tail -n 15 "$f" >&2
+  done
+}
 
 ensure_installed() {
   [ -x "$BIN/rabbitmq-server" ] && return
@@ -44,6 +54,28 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 node_name() { printf '%s%s@localhost' "$NAME" "$1"; }
 ctl() { "$BIN/rabbitmqctl" -n "$(node_name "$1")" "${@:2}"; }
+
+# What every node needs before the first one boots, created once and atomically: on a fresh
+# machine, nodes started together would otherwise race to create the Erlang cookie (and could
+# end up with different ones) and to start the port mapper (epmd) that names them.
+prepare_erlang() {
+  local c="$HOME/.erlang.cookie" t
+  if [ ! -s "$c" ]; then
+    t="$(mktemp "$HOME/.erlang.cookie.XXXXXX")"
+    python3 -c 'import secrets, string; print("".join(secrets.choice(string.ascii_uppercase) for _ in range(20)), end="")' > "$t"
+    chmod 400 "$t"
+    ln "$t" "$c" 2>/dev/null || true # the first writer wins; the others keep its cookie
+    rm -f "$t"
+  fi
+  local epmd=/usr/bin/epmd deadline=$((SECONDS + 30))
+  [ -x "$epmd" ] || epmd="$(ls /usr/lib/erlang/erts-*/bin/epmd 2>/dev/null | head -n 1)"
+  "$epmd" -names >/dev/null 2>&1 && return
+  "$epmd" -daemon
+  until "$epmd" -names >/dev/null 2>&1; do
+    [ "$SECONDS" -lt "$deadline" ] || die "the Erlang port mapper (epmd) did not start within 30 s"
+    sleep 0.1
+  done
+}
 
 # Writes node i's config (ports chosen once, kept for restarts).
 configure() {
@@ -81,7 +113,7 @@ wait_mqtt() {
   local i="$1" d="$DIR/n$1" deadline=$((SECONDS + 90))
   read -r amqp dist mqtt < "$d/ports"
   until port_open "$mqtt"; do
-    [ "$SECONDS" -lt "$deadline" ] || die "node $i did not open its MQTT port within 90 s; see $d/stdout and $d/log"
+    [ "$SECONDS" -lt "$deadline" ] || { node_logs; die "node $i did not open its MQTT port within 90 s; see $d/stdout and $d/log"; }
     sleep 0.2
   done
 }
@@ -107,6 +139,7 @@ case "$cmd" in
     mkdir -p "$DIR"
     echo "$n" > "$DIR/size"
     t0=$SECONDS
+    prepare_erlang
     for i in $(seq 1 "$n"); do configure "$i" "$n"; start_node "$i"; done
     if [ -n "${RMQ_OWNER_PID:-}" ]; then
       # The nodes run in their own sessions and outlive whoever started them.
@@ -116,7 +149,7 @@ case "$cmd" in
     for i in $(seq 1 "$n"); do wait_mqtt "$i"; done
     deadline=$((SECONDS + 90))
     until [ "$(running_nodes)" = "$n" ]; do
-      [ "$SECONDS" -lt "$deadline" ] || die "the $n nodes did not form one cluster within 90 s; see $DIR/n*/log"
+      [ "$SECONDS" -lt "$deadline" ] || { node_logs; die "the $n nodes did not form one cluster within 90 s; see $DIR/n*/log"; }
       sleep 0.5
     done
     say "$n-node cluster up in $((SECONDS - t0)) s (MQTT sessions on $QUEUE_TYPE queues)"

@@ -748,17 +748,16 @@ impl Bus {
                     let lost = self.node();
                     self.next_node(&mut el);
                     failures += 1;
+                    // With several nodes, each is tried once at once before backing off.
+                    let wait = if failures < self.nodes.len() { Duration::ZERO } else { backoff.next() };
                     if was_up || !warned_down {
                         warn!(error = %e, broker = %lost, next = %self.node(), "broker link down; reconnecting with backoff");
                         warned_down = true;
-                    } else {
-                        debug!(error = %e, broker = %lost, "broker still unreachable");
                     }
+                    debug!(error = %e, broker = %lost, retry_in_ms = wait.as_millis() as u64, "broker not reached");
                     if self.give_up_while_down(phase) {
                         break;
                     }
-                    // With several nodes, each is tried once at once before backing off.
-                    let wait = if failures < self.nodes.len() { Duration::ZERO } else { backoff.next() };
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
                         _ = self.wake.notified() => {

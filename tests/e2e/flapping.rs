@@ -32,8 +32,11 @@ async fn random_flapping_of_both_links_loses_duplicates_and_reorders_nothing() {
     let m = Mosquitto::start();
     let pa = Arc::new(FaultProxy::start(m.port()).await);
     let pb = Arc::new(FaultProxy::start(m.port()).await);
-    let a = Instance::start(unlimited(InstanceOpts::url(&pa.url()))).await;
-    let b = Instance::start(unlimited(InstanceOpts::url(&pb.url()))).await;
+    // Every reconnect attempt is in the output a failure prints.
+    let debug =
+        |url: String| InstanceOpts { log: Some("info,fanout::bus=debug".into()), ..unlimited(InstanceOpts::url(&url)) };
+    let a = Instance::start(debug(pa.url())).await;
+    let b = Instance::start(debug(pb.url())).await;
     let mut alice = Peer::connect(&a, "alice").await;
     let bob = Peer::connect(&b, "bob").await;
     let stop = Arc::new(AtomicBool::new(false));

@@ -29,6 +29,9 @@ pub struct InstanceOpts {
     pub dev_secret: bool,
     /// Extra flags, e.g. `["--rate-limit", "1"]`.
     pub args: Vec<String>,
+    /// `RUST_LOG` for this instance (else `FANOUT_TEST_RUST_LOG`, else `info`): its output is
+    /// printed when the test fails.
+    pub log: Option<String>,
 }
 
 impl InstanceOpts {
@@ -95,7 +98,8 @@ impl Instance {
             for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("FANOUT_")) {
                 cmd.env_remove(k);
             }
-            cmd.env("RUST_LOG", std::env::var("FANOUT_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()));
+            let log = opts.log.clone().or_else(|| std::env::var("FANOUT_TEST_RUST_LOG").ok());
+            cmd.env("RUST_LOG", log.unwrap_or_else(|| "info".into()));
             let child = cmd.stdin(Stdio::null()).stdout(out).stderr(err).spawn().expect("spawn fanout");
             let mut inst = Instance { child, dir, port, id: id.clone(), secret: secret.to_string() };
             let deadline = Instant::now() + READY_TIMEOUT;
