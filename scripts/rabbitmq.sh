@@ -104,18 +104,36 @@ start_node() {
   setsid env RABBITMQ_NODENAME="$(node_name "$i")" RABBITMQ_NODE_PORT="$amqp" RABBITMQ_DIST_PORT="$dist" \
     RABBITMQ_MNESIA_BASE="$d/mnesia" RABBITMQ_LOG_BASE="$d/log" RABBITMQ_FEATURE_FLAGS_FILE="$d/feature_flags" \
     RABBITMQ_ENABLED_PLUGINS_FILE="$d/enabled_plugins" RABBITMQ_CONFIG_FILE="$d/rabbitmq" \
-    RABBITMQ_PID_FILE="$d/pid" RABBITMQ_PLUGINS_EXPAND_DIR="$d/plugins-expand" \
+    RABBITMQ_PID_FILE="$d/pid" RABBITMQ_PLUGINS_EXPAND_DIR="$d/plugins-expand" ERL_CRASH_DUMP="$d/erl_crash.dump" \
     "$BIN/rabbitmq-server" > "$d/stdout" 2>&1 < /dev/null &
   echo $! > "$d/pgid"
 }
 
+# Waits until node i's MQTT port is open. Returns 1 if the node died first (e.g. one of its
+# ports was taken by another process between choosing it and binding it).
 wait_mqtt() {
   local i="$1" d="$DIR/n$1" deadline=$((SECONDS + 90))
   read -r amqp dist mqtt < "$d/ports"
   until port_open "$mqtt"; do
+    # (the pid itself: its process group exists only once setsid has run)
+    kill -0 "$(cat "$d/pgid")" 2>/dev/null || return 1
     [ "$SECONDS" -lt "$deadline" ] || { node_logs; die "node $i did not open its MQTT port within 90 s; see $d/stdout and $d/log"; }
     sleep 0.2
   done
+}
+
+# Starts node i of n for the first time; a node that dies at start gets new ports (twice).
+first_start() {
+  local i="$1" n="$2" attempt
+  for attempt in 1 2 3; do
+    start_node "$i"
+    wait_mqtt "$i" && return
+    say "node $i exited while starting (attempt $attempt): $(grep -o -m1 -E '[a-z_]*already_used[^}]*|eaddrinuse' "$DIR/n$i/stdout" || echo 'see its log')"
+    rm -f "$DIR/n$i/ports"
+    configure "$i" "$n"
+  done
+  node_logs
+  die "node $i did not start; see $DIR/n$i/stdout"
 }
 
 probe_mqtt() {
@@ -158,10 +176,7 @@ case "$cmd" in
       nohup bash -c 'while kill -0 "$1" 2>/dev/null; do sleep 0.5; done; RMQ_DIR="$2" RMQ_NAME="$3" exec bash "$4" down' \
         rabbitmq-watchdog "$RMQ_OWNER_PID" "$DIR" "$NAME" "$0" </dev/null >>"$DIR/watchdog.log" 2>&1 &
     fi
-    for i in $(seq 1 "$n"); do
-      start_node "$i"
-      wait_mqtt "$i"
-    done
+    for i in $(seq 1 "$n"); do first_start "$i" "$n"; done
     deadline=$((SECONDS + 90))
     until [ "$(running_nodes)" = "$n" ]; do
       [ "$SECONDS" -lt "$deadline" ] || { node_logs; die "the $n nodes did not form one cluster within 90 s; see $DIR/n*/log"; }
@@ -179,7 +194,7 @@ case "$cmd" in
   start)
     i="${2:?node number}"
     start_node "$i"
-    wait_mqtt "$i"
+    wait_mqtt "$i" || { node_logs; die "node $i exited while starting; see $DIR/n$i/stdout"; }
     ;;
   status)
     n="$(cat "$DIR/size" 2>/dev/null || echo 0)"

@@ -540,38 +540,43 @@ async fn slow_consumer_is_closed_with_4008_and_memory_stays_bounded() {
     // slow the instance is (a busy CI machine), the broker never has to drop part of a batch.
     const BATCH: usize = 500;
     let (mut to_bob, mut peak_rss, mut fullest) = (0, rss_before, 0.0f64);
-    for batch in 0..TOTAL / BATCH {
+    for _ in 0..TOTAL / BATCH {
         for i in 0..BATCH {
-            let to = if i % 100 == 0 { "bob" } else { "slow" };
+            // One in 100 to bob, the last of each batch among them.
+            let to = if i % 100 == 99 { "bob" } else { "slow" };
             if to == "bob" {
                 to_bob += 1;
             }
             client.publish(format!("msg/{to}"), QoS::AtLeastOnce, false, payload.clone()).await.unwrap();
         }
-        // Let the instance keep up (the broker drops QoS 1 messages beyond max_queued_messages,
-        // and then this wait would time out), and sample memory and the fullest outbox while the flood goes on.
-        let want = ((batch + 1) * BATCH) as f64;
-        inst.wait_metric("fanout_messages_in_total{source=\"mqtt\"}", |v| v >= want, Duration::from_secs(30)).await;
+        // The instance has taken the whole batch once bob has its last message (one session,
+        // delivered in order). Paced by bob, not by the instance's message count: once the
+        // slow client is closed with 4008 its topic is unsubscribed, and how soon that happens
+        // depends on how fast this machine floods. Meanwhile, sample memory and the fullest outbox.
+        wait_until("bob receives the last message of the batch", Duration::from_secs(30), || {
+            bob.events("chat_message").len() == to_bob
+        })
+        .await;
         peak_rss = peak_rss.max(rss_kib(inst.pid()));
         fullest = fullest.max(inst.metric_or_zero("fanout_outbox_max_queued_bytes").await);
     }
     let _ = client.disconnect().await;
     poller.abort();
-    assert_eq!(inst.metric_or_zero("fanout_messages_in_total{source=\"mqtt\"}").await as usize, TOTAL);
+    let taken = inst.metric_or_zero("fanout_messages_in_total{source=\"mqtt\"}").await as usize;
     assert_eq!(inst.wait_metric("fanout_slow_consumers_total", |v| v == 1.0, Duration::from_secs(15)).await, 1.0);
     // No outbox ever held more than --send-queue (plus the one ~200-byte frame a check may
     // race with); the flood to the slow client was ~20 MB.
     assert!(fullest > 0.0 && fullest <= SEND_QUEUE + 256.0, "the fullest outbox held {fullest} bytes");
     let growth = peak_rss.saturating_sub(rss_before);
     assert!(growth < 6 * 1024, "RSS grew {growth} KiB at its peak while flooding a slow consumer");
-    // bob, on the same instance, got every message meant for him meanwhile.
-    wait_until("bob receives all his messages", Duration::from_secs(15), || bob.events("chat_message").len() == to_bob)
-        .await;
+    // bob, on the same instance, got every message meant for him meanwhile (checked after each
+    // batch), and only those.
+    assert_eq!(bob.events("chat_message").len(), to_bob);
     assert_eq!(bob.closed(), None);
     // The slow client, once it reads again, finds the 4008 close after what was buffered.
     assert_eq!(slow.recv_close(Duration::from_secs(30)).await, Some(4008), "slow consumer close code");
     eprintln!(
-        "slow consumer: {TOTAL} messages, RSS {rss_before} KiB → peak {peak_rss} KiB (+{growth} KiB), fullest outbox {fullest} bytes, bob got {to_bob}"
+        "slow consumer: {TOTAL} messages ({taken} reached the instance before the slow client's topic was dropped), RSS {rss_before} KiB → peak {peak_rss} KiB (+{growth} KiB), fullest outbox {fullest} bytes, bob got {to_bob}"
     );
 }
 
