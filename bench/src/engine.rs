@@ -49,6 +49,8 @@ pub struct Rabbit {
     /// the `beam.smp` process of each node
     pub pids: Vec<u32>,
     pub start_secs: f64,
+    /// nodes may be running: `down` when dropped
+    up: bool,
 }
 
 fn script_path() -> PathBuf {
@@ -56,9 +58,26 @@ fn script_path() -> PathBuf {
 }
 
 impl Rabbit {
+    /// Starts an N-node cluster; on failure (the script picks free ports with bind(:0), and on
+    /// a busy host one may be taken before the node binds it) every node of the attempt is
+    /// taken down and it tries again with fresh ports, three attempts in all.
     pub fn start(nodes: usize, dir: &Path) -> Res<Rabbit> {
+        let mut last = String::new();
+        for attempt in 1..=3 {
+            match Rabbit::try_start(nodes, &dir.join(format!("rabbitmq-{attempt}"))) {
+                Ok(r) => return Ok(r),
+                Err(e) => {
+                    eprintln!("rabbitmq: attempt {attempt} of 3 failed: {e}");
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    fn try_start(nodes: usize, dir: &Path) -> Res<Rabbit> {
         let script = script_path();
-        let dir = dir.join("rabbitmq");
+        let dir = dir.to_path_buf();
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         // Unique node names: other test runs may have clusters of their own on this host.
@@ -73,8 +92,10 @@ impl Rabbit {
             .stdin(Stdio::null())
             .output()
             .map_err(|e| format!("run {}: {e}", script.display()))?;
-        let mut rabbit = Rabbit { script, dir, name, ports: Vec::new(), pids: Vec::new(), start_secs: 0.0 };
+        let mut rabbit = Rabbit { script, dir, name, ports: Vec::new(), pids: Vec::new(), start_secs: 0.0, up: true };
         if !out.status.success() {
+            // Nodes of this attempt that did start would otherwise run until the bench exits.
+            rabbit.down();
             return Err(format!(
                 "scripts/rabbitmq.sh up {nodes} failed ({}): {}",
                 out.status,
@@ -90,13 +111,14 @@ impl Rabbit {
             }
         }
         if rabbit.ports.len() != nodes {
+            rabbit.down();
             return Err(format!("scripts/rabbitmq.sh printed {} MQTT ports for {nodes} nodes", rabbit.ports.len()));
         }
         for i in 1..=nodes {
             let pg = std::fs::read_to_string(rabbit.dir.join(format!("n{i}/pgid"))).unwrap_or_default();
-            let pg: i64 = pg.trim().parse().map_err(|_| format!("node {i}: no pgid file"))?;
-            let beams = beam_pids(pg);
+            let beams = pg.trim().parse::<i64>().map(beam_pids).unwrap_or_default();
             if beams.len() != 1 {
+                rabbit.down();
                 return Err(format!("node {i}: {} beam.smp processes in session {pg}", beams.len()));
             }
             rabbit.pids.extend(beams);
@@ -115,12 +137,13 @@ impl Rabbit {
             .stderr(Stdio::null())
             .status();
         self.pids.clear();
+        self.up = false;
     }
 }
 
 impl Drop for Rabbit {
     fn drop(&mut self) {
-        if !self.pids.is_empty() {
+        if self.up {
             self.down();
         }
     }

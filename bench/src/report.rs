@@ -89,8 +89,9 @@ pub struct RestartRow {
     pub users: usize,
     /// From the broker listening again to the instance's `/readyz` 200 (every user subscribed).
     pub ready_ms: f64,
-    /// From the broker listening again to a message sent then reaching its recipient.
-    pub delivered_ms: f64,
+    /// From the broker listening again to a message sent then reaching its recipient (None:
+    /// not within 60 s of being sent).
+    pub delivered_ms: Option<f64>,
     pub resubscribed_per_sec: f64,
     /// subscriptions held by the synthetic subscriber besides the instance's users
     pub synthetic_subscriptions: usize,

@@ -33,6 +33,12 @@ pub fn failures(report: &Report, expected: &[&str]) -> Vec<String> {
             }
             Section::RestartStorm(r) => {
                 check(!r.rows.is_empty(), format!("{name}: no runs"));
+                for row in &r.rows {
+                    check(
+                        row.delivered_ms.is_some(),
+                        format!("{name}: {} users: no message after the storm", row.users),
+                    );
+                }
             }
             Section::SubScale(sc) => {
                 check(!sc.engines.is_empty(), format!("{name}: no engines"));

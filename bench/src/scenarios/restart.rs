@@ -53,7 +53,7 @@ async fn one(opts: &Opts, n: usize, subs: usize) -> Res<RestartRow> {
         let frame = client::chat_frame(&last, "\"after the storm\"");
         wss[0].send(Message::text(frame)).await.map_err(|e| format!("send: {e}"))?;
         let receiver = &mut wss[n - 1];
-        let got = tokio::time::timeout(Duration::from_secs(30), async {
+        let got = tokio::time::timeout(Duration::from_secs(60), async {
             while let Some(Ok(m)) = receiver.next().await {
                 if let Message::Text(t) = m {
                     if t.contains("after the storm") {
@@ -66,9 +66,11 @@ async fn one(opts: &Opts, n: usize, subs: usize) -> Res<RestartRow> {
         .await
         .unwrap_or(false);
         if !got {
-            return Err(format!("restart-storm: {n} users: the message after the storm never arrived"));
+            eprintln!(
+                "restart-storm: {n} users + {subs} synthetic: the message after the storm did not arrive within 60 s"
+            );
         }
-        let delivered = t0.elapsed();
+        let delivered = got.then(|| t0.elapsed());
         let mut recovered = None;
         let mut confirmed = 0;
         if let Some(s) = &synth {
@@ -84,7 +86,7 @@ async fn one(opts: &Opts, n: usize, subs: usize) -> Res<RestartRow> {
         let row = RestartRow {
             users: n,
             ready_ms: r3(ready.as_secs_f64() * 1e3),
-            delivered_ms: r3(delivered.as_secs_f64() * 1e3),
+            delivered_ms: delivered.map(|d| r3(d.as_secs_f64() * 1e3)),
             resubscribed_per_sec: r3(n as f64 / ready.as_secs_f64()),
             synthetic_subscriptions: subs,
             synthetic_clients: if subs > 0 { opts.synth_clients } else { 0 },
@@ -101,12 +103,16 @@ async fn one(opts: &Opts, n: usize, subs: usize) -> Res<RestartRow> {
         };
         println!(
             "restart-storm: {n} users on one instance + {subs} synthetic subscriptions: instance ready {:.0} ms after the \
-             broker was back ({:.0} subscriptions/s), a message through {:.0} ms; synthetic subscriber {} ({confirmed} of \
+             broker was back ({:.0} subscriptions/s), a message through {}; synthetic subscriber {} ({confirmed} of \
              {subs} confirmed); load {}",
             row.ready_ms,
             row.resubscribed_per_sec,
-            row.delivered_ms,
-            row.synthetic_recovered_ms.map_or("not recovered within the limit".to_string(), |v| format!("recovered in {v:.0} ms")),
+            row.delivered_ms.map_or("NEVER (60 s)".to_string(), |v| format!("{v:.0} ms")),
+            match (subs, row.synthetic_recovered_ms) {
+                (0, _) => "not used".to_string(),
+                (_, Some(v)) => format!("recovered in {v:.0} ms"),
+                (_, None) => "NOT recovered within the limit".to_string(),
+            },
             row.load_average
         );
         drop(wss);
