@@ -80,6 +80,16 @@ impl Rabbit {
         let dir = dir.to_path_buf();
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        // The script keeps ports it finds in n<i>/ports. Its own choice (bind(:0) in Python)
+        // is an ephemeral port, which after a run of thousands of connections often has a
+        // connection in TIME_WAIT, and RabbitMQ's distribution listener (no SO_REUSEADDR) then
+        // fails with `dist_port_already_used`. Ours are below the ephemeral range and checked.
+        for i in 1..=nodes {
+            let d = dir.join(format!("n{i}"));
+            std::fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
+            let ports = format!("{} {} {}\n", env::free_port(), env::free_port(), env::free_port());
+            std::fs::write(d.join("ports"), ports).map_err(|e| format!("{}: {e}", d.display()))?;
+        }
         // Unique node names: other test runs may have clusters of their own on this host.
         let name = format!("fb{}x{}", std::process::id(), rand::random_range(0..1_000_000u32));
         let t0 = Instant::now();
