@@ -212,6 +212,10 @@ struct Cli {
     /// Mosquitto binary
     #[arg(long, default_value = "/usr/sbin/mosquitto")]
     mosquitto: PathBuf,
+    /// only draw `sub-scale.svg` in --out from these report.json files (e.g. runs of sub-scale
+    /// on different engines or connection counts in one picture), then exit
+    #[arg(long, num_args = 1..)]
+    plot_sub_scale: Vec<PathBuf>,
     /// where report.json, latency.svg and the logs go
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -381,6 +385,18 @@ fn loadavg() -> String {
 }
 
 async fn run(cli: Cli, nofile: u64) -> Result<bool, String> {
+    if !cli.plot_sub_scale.is_empty() {
+        let mut reports = Vec::new();
+        for p in &cli.plot_sub_scale {
+            let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+            reports.push(serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?);
+        }
+        std::fs::create_dir_all(&cli.out).map_err(|e| format!("{}: {e}", cli.out.display()))?;
+        let svg = cli.out.join("sub-scale.svg");
+        plot::sub_scale_svg(&svg, &reports)?;
+        println!("plot: {}", svg.display());
+        return Ok(true);
+    }
     let mut opts = Opts {
         instances: cli.instances.max(1),
         users: cli.users.max(2),
@@ -526,6 +542,13 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool, String> {
     let path = opts.out.join("report.json");
     env::write_file(&path, &serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?)?;
     println!("report: {} ({:.1} s)", path.display(), started.elapsed().as_secs_f64());
+    if report.scenarios.iter().any(|s| matches!(s, Section::SubScale(_))) {
+        let svg = opts.out.join("sub-scale.svg");
+        match serde_json::to_value(&report).map_err(|e| e.to_string()).and_then(|v| plot::sub_scale_svg(&svg, &[v])) {
+            Ok(()) => println!("plot: {}", svg.display()),
+            Err(e) => eprintln!("plot failed: {e}"),
+        }
+    }
     if cli.smoke {
         let expected: Vec<&str> = jobs.iter().map(|j| j.name()).collect();
         let failed = smoke::failures(&report, &expected);
