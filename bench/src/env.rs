@@ -229,7 +229,8 @@ fn spawn_instance(a: &InstanceArgs, id: &str, broker_port: u16) -> Res<Instance>
         .args(["--instance-id", id, "--jwt-secret", a.secret])
         .args(["--rate-limit", "100000", "--rate-burst", "100000"])
         .args(["--max-connections", "1000000", "--publish-queue-bytes", "1GiB"])
-        .env("RUST_LOG", "warn")
+        // FANOUT_BENCH_INSTANCE_LOG=info (say) to trace an instance; warn keeps logs small.
+        .env("RUST_LOG", std::env::var("FANOUT_BENCH_INSTANCE_LOG").unwrap_or_else(|_| "warn".into()))
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(|e| e.to_string())?)
         .stderr(log)
