@@ -99,6 +99,8 @@ impl Rabbit {
             .env("RMQ_DIR", &dir)
             .env("RMQ_NAME", &name)
             .env("RMQ_OWNER_PID", std::process::id().to_string())
+            // A node that fails to start writes a crash dump into its working directory.
+            .env("ERL_CRASH_DUMP", dir.join("erl_crash.dump"))
             .stdin(Stdio::null())
             .output()
             .map_err(|e| format!("run {}: {e}", script.display()))?;

@@ -36,6 +36,14 @@ async fn one(opts: &Opts, n: usize, subs: usize) -> Res<RestartRow> {
         let users = user_names("s", n);
         let srcs = env::source_addrs(opts.sources);
         let (mut wss, _) = connect_all(opts, &users, &[port], &srcs, &format!("restart-storm: {n} users")).await?;
+        // Every socket but the two the message uses is read (and so answers the instance's
+        // pings) until the end: an unread socket is closed by the instance as a silent peer
+        // after 60 s, and with a large S the storm starts later than that.
+        let idle: Vec<_> = wss.drain(1..n - 1).collect();
+        let readers: Vec<tokio::task::JoinHandle<()>> = idle
+            .into_iter()
+            .map(|mut ws| tokio::spawn(async move { while let Some(Ok(_)) = ws.next().await {} }))
+            .collect();
         let synth =
             if subs > 0 { Some(hold(opts, &setup.broker.ports(), subs, opts.scale_limit).await?) } else { None };
         let before = synth.as_ref().map(|s| s.connacks()).unwrap_or_default();
@@ -52,7 +60,7 @@ async fn one(opts: &Opts, n: usize, subs: usize) -> Res<RestartRow> {
         let last = users[n - 1].clone();
         let frame = client::chat_frame(&last, "\"after the storm\"");
         wss[0].send(Message::text(frame)).await.map_err(|e| format!("send: {e}"))?;
-        let receiver = &mut wss[n - 1];
+        let receiver = &mut wss[1];
         let got = tokio::time::timeout(Duration::from_secs(60), async {
             while let Some(Ok(m)) = receiver.next().await {
                 if let Message::Text(t) = m {
@@ -116,6 +124,9 @@ async fn one(opts: &Opts, n: usize, subs: usize) -> Res<RestartRow> {
             row.load_average
         );
         drop(wss);
+        for r in readers {
+            r.abort();
+        }
         if let Some(s) = synth {
             s.stop().await;
         }
