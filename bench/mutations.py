@@ -146,6 +146,14 @@ MUTATIONS = [
         ["connections left after the cycles", "subscriptions left after the cycles"],
     ),
     (
+        "synth-skips-a-packet",
+        "sub-scale: the synthetic subscriber never sends its first SUBSCRIBE packet of a session",
+        "scenarios/synth.rs",
+        "for chunk in topics.chunks(TOPICS_PER_PACKET) {",
+        "for chunk in topics.chunks(TOPICS_PER_PACKET).skip(1) {",
+        ["synthetic subscriptions confirmed", "the broker holds"],
+    ),
+    (
         "scenario-skipped",
         "the churn scenario silently does not run",
         "main.rs",

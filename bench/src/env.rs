@@ -210,12 +210,13 @@ pub fn fanout_binary(given: Option<&Path>) -> Res<PathBuf> {
 pub struct InstanceArgs<'a> {
     pub bin: &'a Path,
     pub dir: &'a Path,
-    pub broker_port: u16,
+    /// instance i connects to `broker_ports[i % len]` (the nodes of a cluster, round-robin)
+    pub broker_ports: Vec<u16>,
     pub secret: &'a str,
     pub threads: Option<usize>,
 }
 
-fn spawn_instance(a: &InstanceArgs, id: &str) -> Res<Instance> {
+fn spawn_instance(a: &InstanceArgs, id: &str, broker_port: u16) -> Res<Instance> {
     let port = free_port();
     let log = std::fs::File::create(a.dir.join(format!("{id}.log"))).map_err(|e| e.to_string())?;
     let mut cmd = Command::new(a.bin);
@@ -224,11 +225,12 @@ fn spawn_instance(a: &InstanceArgs, id: &str) -> Res<Instance> {
         cmd.args(["--worker-threads", &t.to_string()]);
     }
     let child = cmd
-        .args(["--mqtt-url", &format!("mqtt://127.0.0.1:{}", a.broker_port)])
+        .args(["--mqtt-url", &format!("mqtt://127.0.0.1:{broker_port}")])
         .args(["--instance-id", id, "--jwt-secret", a.secret])
         .args(["--rate-limit", "100000", "--rate-burst", "100000"])
         .args(["--max-connections", "1000000", "--publish-queue-bytes", "1GiB"])
-        .env("RUST_LOG", "warn")
+        // FANOUT_BENCH_INSTANCE_LOG=info (say) to trace an instance; warn keeps logs small.
+        .env("RUST_LOG", std::env::var("FANOUT_BENCH_INSTANCE_LOG").unwrap_or_else(|_| "warn".into()))
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(|e| e.to_string())?)
         .stderr(log)
@@ -242,10 +244,14 @@ fn spawn_instance(a: &InstanceArgs, id: &str) -> Res<Instance> {
 /// is started again on another port, three times at most.
 pub async fn start_instances(a: &InstanceArgs<'_>, count: usize) -> Res<Vec<Instance>> {
     let mut out = Vec::new();
-    for i in 0..count {
-        out.push(spawn_instance(a, &format!("bench-{i}"))?);
+    let port_of = |i: usize| a.broker_ports[i % a.broker_ports.len().max(1)];
+    if a.broker_ports.is_empty() {
+        return Err("no broker port".into());
     }
-    for inst in &mut out {
+    for i in 0..count {
+        out.push(spawn_instance(a, &format!("bench-{i}"), port_of(i))?);
+    }
+    for (i, inst) in out.iter_mut().enumerate() {
         let mut attempts = 1;
         let until = Instant::now() + Duration::from_secs(15);
         loop {
@@ -257,7 +263,7 @@ pub async fn start_instances(a: &InstanceArgs<'_>, count: usize) -> Res<Vec<Inst
                     return Err(format!("instance {} exited ({st}); see {}/{}.log", inst.id, a.dir.display(), inst.id));
                 }
                 attempts += 1;
-                *inst = spawn_instance(a, &inst.id)?;
+                *inst = spawn_instance(a, &inst.id, port_of(i))?;
                 continue;
             }
             if Instant::now() > until {
@@ -307,6 +313,16 @@ pub async fn scrape(port: u16, name: &str, label: &str) -> Res<f64> {
 pub fn rss_kib(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
+}
+
+/// VmRSS summed over processes, in KiB.
+pub fn rss_kib_sum(pids: &[u32]) -> u64 {
+    pids.iter().map(|p| rss_kib(*p)).sum()
+}
+
+/// utime + stime summed over processes, in seconds.
+pub fn cpu_secs_sum(pids: &[u32]) -> f64 {
+    pids.iter().map(|p| cpu_secs(*p)).sum()
 }
 
 /// utime + stime of a process, in seconds.

@@ -14,6 +14,7 @@
 
 mod client;
 mod compare;
+mod engine;
 mod env;
 mod mqtt_ws;
 mod plot;
@@ -50,7 +51,11 @@ enum Scenario {
     /// the broker killed and restarted under one instance holding N users (--storm-users):
     /// time until the instance is ready and a message flows again
     RestartStorm,
-    /// every scenario
+    /// one broker holding S user subscriptions (--scale-subs) per engine (--scale-engines):
+    /// a few thousand real users on fanout, the rest a synthetic MQTT subscriber; SUBSCRIBE
+    /// rate, broker RSS per subscription, chat p99 at --scale-rate
+    SubScale,
+    /// every scenario (but restart-storm and sub-scale; --smoke runs a tiny sub-scale too)
     All,
 }
 
@@ -65,6 +70,7 @@ enum Job {
     FanoutAmplification,
     Churn,
     RestartStorm,
+    SubScale,
 }
 
 impl Job {
@@ -78,6 +84,7 @@ impl Job {
             Job::FanoutAmplification => "fanout-amplification",
             Job::Churn => "churn",
             Job::RestartStorm => "restart-storm",
+            Job::SubScale => "sub-scale",
         }
     }
 }
@@ -124,6 +131,39 @@ struct Cli {
     /// users on the one instance for each restart-storm run, comma-separated
     #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000,19000")]
     storm_users: Vec<usize>,
+    /// synthetic subscriptions held on the broker during each restart-storm run besides the
+    /// instance's users, comma-separated (each combined with every --storm-users)
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    storm_subs: Vec<usize>,
+    /// broker of the instances: mosquitto, rabbitmq-1, rabbitmq-3 (rabbitmq-N: an N-node
+    /// cluster from scripts/rabbitmq.sh; instances attached round-robin to the nodes)
+    #[arg(long, default_value = "mosquitto")]
+    engine: engine::EngineKind,
+    /// engines of sub-scale, comma-separated
+    #[arg(long, value_delimiter = ',', default_value = "mosquitto,rabbitmq-1,rabbitmq-3")]
+    scale_engines: Vec<engine::EngineKind>,
+    /// user subscriptions S on the broker, reached one after the other (sub-scale)
+    #[arg(long, value_delimiter = ',', default_value = "10000,100000,1000000")]
+    scale_subs: Vec<usize>,
+    /// real users on fanout instances (sub-scale)
+    #[arg(long, default_value_t = 2000)]
+    scale_users: usize,
+    /// fanout instances (sub-scale)
+    #[arg(long, default_value_t = 2)]
+    scale_instances: usize,
+    /// chat messages/s between the real users at each S (sub-scale)
+    #[arg(long, default_value_t = 1000.0)]
+    scale_rate: f64,
+    /// give up on an S (and larger ones) not confirmed after this many seconds; also the
+    /// synthetic subscriber's limit in restart-storm
+    #[arg(long, default_value_t = 300.0)]
+    scale_limit_secs: f64,
+    /// MQTT connections of the synthetic subscriber (sub-scale, restart-storm)
+    #[arg(long, default_value_t = 8)]
+    synth_clients: usize,
+    /// SUBSCRIBE packets (64 topics each) in flight per synthetic connection
+    #[arg(long, default_value_t = 32)]
+    synth_window: usize,
     /// skip broker-floor when running direct
     #[arg(long)]
     no_floor: bool,
@@ -172,6 +212,10 @@ struct Cli {
     /// Mosquitto binary
     #[arg(long, default_value = "/usr/sbin/mosquitto")]
     mosquitto: PathBuf,
+    /// only draw `sub-scale.svg` in --out from these report.json files (e.g. runs of sub-scale
+    /// on different engines or connection counts in one picture), then exit
+    #[arg(long, num_args = 1..)]
+    plot_sub_scale: Vec<PathBuf>,
     /// where report.json, latency.svg and the logs go
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -206,6 +250,16 @@ pub struct Opts {
     pub out: PathBuf,
     /// users on the instance for each restart-storm run
     pub storm_users: Vec<usize>,
+    pub storm_subs: Vec<usize>,
+    pub engine: engine::EngineKind,
+    pub scale_engines: Vec<engine::EngineKind>,
+    pub scale_subs: Vec<usize>,
+    pub scale_users: usize,
+    pub scale_instances: usize,
+    pub scale_rate: f64,
+    pub scale_limit: Duration,
+    pub synth_clients: usize,
+    pub synth_window: usize,
 }
 
 fn main() -> ExitCode {
@@ -260,6 +314,9 @@ fn plan(cli: &Cli, mem_connections: usize) -> Vec<Job> {
     for s in &cli.scenarios {
         if *s == Scenario::All {
             list.extend([Scenario::Direct, Scenario::Idle, Scenario::FanoutAmplification, Scenario::Churn]);
+            if cli.smoke {
+                list.push(Scenario::SubScale);
+            }
         } else if !list.contains(s) {
             list.push(*s);
         }
@@ -295,6 +352,7 @@ fn plan(cli: &Cli, mem_connections: usize) -> Vec<Job> {
             Scenario::FanoutAmplification => jobs.push(Job::FanoutAmplification),
             Scenario::Churn => jobs.push(Job::Churn),
             Scenario::RestartStorm => jobs.push(Job::RestartStorm),
+            Scenario::SubScale => jobs.push(Job::SubScale),
             _ => {}
         }
     }
@@ -316,6 +374,7 @@ async fn run_job(job: Job, opts: &Opts, rates: &[f64]) -> Result<Section, String
         Job::FanoutAmplification => Section::FanoutAmplification(scenarios::amplification(opts).await?),
         Job::Churn => Section::Churn(scenarios::churn(opts).await?),
         Job::RestartStorm => Section::RestartStorm(scenarios::restart_storm(opts, &opts.storm_users).await?),
+        Job::SubScale => Section::SubScale(scenarios::sub_scale(opts).await?),
     })
 }
 
@@ -326,6 +385,18 @@ fn loadavg() -> String {
 }
 
 async fn run(cli: Cli, nofile: u64) -> Result<bool, String> {
+    if !cli.plot_sub_scale.is_empty() {
+        let mut reports = Vec::new();
+        for p in &cli.plot_sub_scale {
+            let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+            reports.push(serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?);
+        }
+        std::fs::create_dir_all(&cli.out).map_err(|e| format!("{}: {e}", cli.out.display()))?;
+        let svg = cli.out.join("sub-scale.svg");
+        plot::sub_scale_svg(&svg, &reports)?;
+        println!("plot: {}", svg.display());
+        return Ok(true);
+    }
     let mut opts = Opts {
         instances: cli.instances.max(1),
         users: cli.users.max(2),
@@ -351,6 +422,16 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool, String> {
         instance_threads: cli.instance_threads,
         out: cli.out.clone(),
         storm_users: cli.storm_users.clone(),
+        storm_subs: cli.storm_subs.clone(),
+        engine: cli.engine,
+        scale_engines: cli.scale_engines.clone(),
+        scale_subs: cli.scale_subs.clone(),
+        scale_users: cli.scale_users,
+        scale_instances: cli.scale_instances.max(1),
+        scale_rate: cli.scale_rate,
+        scale_limit: Duration::from_secs_f64(cli.scale_limit_secs.max(1.0)),
+        synth_clients: cli.synth_clients.max(1),
+        synth_window: cli.synth_window.max(1),
     };
     let mut rates = cli.rates.clone();
     let mut compare_at = cli.compare_at.clone();
@@ -371,6 +452,13 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool, String> {
         opts.idle_secs = Duration::from_millis(300);
         rates = vec![200.0, 400.0];
         compare_at = vec![200.0];
+        // sub-scale on Mosquitto only: 2,000 subscriptions, 40 of them real users
+        opts.scale_engines = vec![engine::EngineKind::Mosquitto];
+        opts.scale_subs = vec![2000];
+        opts.scale_users = 40;
+        opts.scale_rate = 200.0;
+        opts.scale_limit = Duration::from_secs(20);
+        opts.synth_clients = 2;
     }
     std::fs::create_dir_all(&opts.out).map_err(|e| format!("{}: {e}", opts.out.display()))?;
     let jobs = plan(&cli, opts.mem_connections);
@@ -454,6 +542,13 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool, String> {
     let path = opts.out.join("report.json");
     env::write_file(&path, &serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?)?;
     println!("report: {} ({:.1} s)", path.display(), started.elapsed().as_secs_f64());
+    if report.scenarios.iter().any(|s| matches!(s, Section::SubScale(_))) {
+        let svg = opts.out.join("sub-scale.svg");
+        match serde_json::to_value(&report).map_err(|e| e.to_string()).and_then(|v| plot::sub_scale_svg(&svg, &[v])) {
+            Ok(()) => println!("plot: {}", svg.display()),
+            Err(e) => eprintln!("plot failed: {e}"),
+        }
+    }
     if cli.smoke {
         let expected: Vec<&str> = jobs.iter().map(|j| j.name()).collect();
         let failed = smoke::failures(&report, &expected);

@@ -159,3 +159,81 @@ pub fn no_tier_svg(path: &Path, fanout: &[&Sweep], no_tier: &[&Sweep]) -> Result
     root.present().map_err(e)?;
     Ok(())
 }
+
+/// `sub-scale` (from one or more report.json files): confirmed subscriptions per second
+/// against the subscriptions S held, one line per engine and synthetic-connection count, and
+/// broker RSS per subscription on a second panel. Log-log.
+pub fn sub_scale_svg(path: &Path, reports: &[serde_json::Value]) -> Result<(), String> {
+    let colors = [RED, BLUE, GREEN, MAGENTA, BLACK, CYAN];
+    let mut rate: Vec<Line> = Vec::new();
+    let mut mem: Vec<Line> = Vec::new();
+    let engines = reports
+        .iter()
+        .filter_map(|r| r.get("scenarios")?.as_array())
+        .flatten()
+        .filter(|s| s.get("scenario").and_then(|v| v.as_str()) == Some("sub-scale"))
+        .filter_map(|s| s.get("engines")?.as_array())
+        .flatten();
+    for (i, e) in engines.enumerate() {
+        let name = format!(
+            "{} ({} synthetic connections)",
+            e.get("engine").and_then(|v| v.as_str()).unwrap_or("?"),
+            e.get("synthetic_clients").and_then(|v| v.as_u64()).unwrap_or(0)
+        );
+        let rows = e.get("rows").and_then(|v| v.as_array()).cloned().unwrap_or_default();
+        let pick = |k: &str| -> Vec<(f64, f64)> {
+            rows.iter()
+                .filter_map(|r| Some((r.get("subscriptions")?.as_f64()?.max(1.0), r.get(k)?.as_f64()?.max(0.001))))
+                .collect()
+        };
+        let c = colors[i % colors.len()];
+        rate.push((name.clone(), pick("subscribe_rate_per_s"), c));
+        mem.push((name, pick("broker_rss_bytes_per_subscription"), c));
+    }
+    let all: Vec<(f64, f64)> = rate.iter().chain(&mem).flat_map(|l| l.1.iter().copied()).collect();
+    if all.is_empty() {
+        return Err("no sub-scale rows to plot".into());
+    }
+    let xmin = all.iter().map(|p| p.0).fold(f64::INFINITY, f64::min) / 1.5;
+    let xmax = all.iter().map(|p| p.0).fold(0.0, f64::max) * 1.5;
+    let root = SVGBackend::new(path, (960, 900)).into_drawing_area();
+    let e = |e: DrawingAreaErrorKind<_>| e.to_string();
+    root.fill(&WHITE).map_err(e)?;
+    let panels = root.split_evenly((2, 1));
+    for (panel, (lines, ydesc, title)) in panels.iter().zip([
+        (&rate, "confirmed subscriptions / s (log)", "SUBSCRIBE throughput while growing to S"),
+        (&mem, "broker RSS per subscription, bytes (log)", "broker memory per subscription"),
+    ]) {
+        let pts: Vec<f64> = lines.iter().flat_map(|l| l.1.iter().map(|p| p.1)).collect();
+        let ymin = pts.iter().copied().fold(f64::INFINITY, f64::min) / 2.0;
+        let ymax = pts.iter().copied().fold(0.0, f64::max) * 2.0;
+        let mut chart = ChartBuilder::on(panel)
+            .caption(title, ("sans-serif", 18))
+            .margin(15)
+            .x_label_area_size(45)
+            .y_label_area_size(70)
+            .build_cartesian_2d((xmin..xmax).log_scale(), (ymin.max(0.001)..ymax.max(1.0)).log_scale())
+            .map_err(e)?;
+        chart.configure_mesh().x_desc("user subscriptions S on the broker (log)").y_desc(ydesc).draw().map_err(e)?;
+        for (name, pts, color) in lines.iter().cloned() {
+            if pts.is_empty() {
+                continue;
+            }
+            chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                .map_err(e)?
+                .label(name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            chart.draw_series(pts.iter().map(|p| Circle::new(*p, 4, color.filled()))).map_err(e)?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerLeft)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(e)?;
+    }
+    root.present().map_err(e)?;
+    Ok(())
+}

@@ -58,6 +58,7 @@ pub enum Section {
     FanoutAmplification(Amplification),
     Churn(Churn),
     RestartStorm(RestartStorm),
+    SubScale(SubScale),
 }
 
 impl Section {
@@ -72,6 +73,7 @@ impl Section {
             Section::FanoutAmplification(_) => "fanout-amplification",
             Section::Churn(_) => "churn",
             Section::RestartStorm(_) => "restart-storm",
+            Section::SubScale(_) => "sub-scale",
         }
     }
 }
@@ -87,9 +89,74 @@ pub struct RestartRow {
     pub users: usize,
     /// From the broker listening again to the instance's `/readyz` 200 (every user subscribed).
     pub ready_ms: f64,
-    /// From the broker listening again to a message sent then reaching its recipient.
-    pub delivered_ms: f64,
+    /// From the broker listening again to a message sent then reaching its recipient (None:
+    /// not within 60 s of being sent).
+    pub delivered_ms: Option<f64>,
     pub resubscribed_per_sec: f64,
+    /// subscriptions held by the synthetic subscriber besides the instance's users
+    pub synthetic_subscriptions: usize,
+    pub synthetic_clients: usize,
+    /// From the broker listening again to the last synthetic client having all its topics
+    /// confirmed again (None: not within the limit, or no synthetic subscriber).
+    pub synthetic_recovered_ms: Option<f64>,
+    /// synthetic subscriptions confirmed when the measurement ended
+    pub synthetic_confirmed: u64,
+    /// all subscriptions (instance's + synthetic) ÷ seconds until the later of the two was done
+    pub broker_resubscribed_per_sec: Option<f64>,
+    pub broker_rss_kib_after: u64,
+    pub load_average: String,
+}
+
+/// `sub-scale`: one broker holding S user subscriptions (a few thousand of real users on
+/// fanout instances, the rest held by the synthetic subscriber), per engine.
+#[derive(Serialize)]
+pub struct SubScale {
+    pub engines: Vec<SubScaleEngine>,
+}
+
+#[derive(Serialize)]
+pub struct SubScaleEngine {
+    pub engine: String,
+    pub nodes: usize,
+    pub instances: usize,
+    pub real_users: usize,
+    pub synthetic_clients: usize,
+    pub topics_per_subscribe: usize,
+    pub subscribe_window: usize,
+    /// broker RSS (all nodes) with the instances and their users connected, before any
+    /// synthetic subscription
+    pub broker_rss_kib_baseline: u64,
+    pub rows: Vec<SubScaleRow>,
+    /// why larger S were not attempted
+    pub stopped: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct SubScaleRow {
+    /// the S asked for: user subscriptions on the broker (real users + synthetic)
+    pub target_subscriptions: usize,
+    /// user subscriptions confirmed on the broker (real users + synthetic)
+    pub subscriptions: u64,
+    /// synthetic subscriptions added in this row (asked for / confirmed / refused)
+    pub added: u64,
+    pub added_confirmed: u64,
+    pub added_refused: u64,
+    pub complete: bool,
+    /// from the first CONNECT of this row's synthetic clients to the last SUBACK (or the limit)
+    pub subscribe_secs: f64,
+    /// confirmed subscriptions per second in this row
+    pub subscribe_rate_per_s: f64,
+    /// when not complete: seconds the row's S would take at this rate (an extrapolation)
+    pub extrapolated_secs_for_target: Option<f64>,
+    pub broker_cpu_secs_subscribing: f64,
+    pub broker_cpu_us_per_subscription: f64,
+    pub broker_rss_kib: u64,
+    /// (broker RSS − baseline) ÷ synthetic subscriptions held, bytes
+    pub broker_rss_bytes_per_subscription: f64,
+    pub synthetic_connection_errors: u64,
+    /// chat messages between real users through fanout at this S
+    pub chat: StepReport,
+    pub load_average: String,
 }
 
 /// CPU used during a step, in cores (CPU seconds per wall second), and the machine's busy share.

@@ -33,6 +33,37 @@ pub fn failures(report: &Report, expected: &[&str]) -> Vec<String> {
             }
             Section::RestartStorm(r) => {
                 check(!r.rows.is_empty(), format!("{name}: no runs"));
+                for row in &r.rows {
+                    check(
+                        row.delivered_ms.is_some(),
+                        format!("{name}: {} users: no message after the storm", row.users),
+                    );
+                }
+            }
+            Section::SubScale(sc) => {
+                check(!sc.engines.is_empty(), format!("{name}: no engines"));
+                for e in &sc.engines {
+                    check(!e.rows.is_empty(), format!("{name} ({}): no rows", e.engine));
+                    check(
+                        e.stopped.is_none(),
+                        format!("{name} ({}): {}", e.engine, e.stopped.as_deref().unwrap_or("")),
+                    );
+                    for r in &e.rows {
+                        let at = format!("{name} ({}) S={}", e.engine, r.target_subscriptions);
+                        check(
+                            r.complete && r.added_confirmed == r.added && r.added_refused == 0,
+                            format!(
+                                "{at}: {} of {} synthetic subscriptions confirmed, {} refused",
+                                r.added_confirmed, r.added, r.added_refused
+                            ),
+                        );
+                        check(
+                            r.subscriptions == r.target_subscriptions as u64,
+                            format!("{at}: the broker holds {} user subscriptions", r.subscriptions),
+                        );
+                        step(&mut check, &at, &r.chat, r.chat.sent);
+                    }
+                }
             }
             Section::IdleMemory(m) => {
                 check(

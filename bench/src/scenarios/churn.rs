@@ -118,7 +118,7 @@ pub async fn churn(opts: &Opts) -> Res<Churn> {
     // Let the last UNSUBSCRIBEs reach the broker and its log.
     let until = Instant::now() + Duration::from_secs(10);
     let prefix = "msg/c-";
-    let log = &fleet.setup.broker.log;
+    let log = &fleet.setup.broker.mosquitto_log()?;
     let (mut sub, mut unsub) = env::count_sub_unsub(log, prefix);
     while unsub < sub && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -14,7 +14,7 @@ pub async fn direct(opts: &Opts, rates: &[f64], run: u32) -> Res<Sweep> {
     let (idle_cpu, steps) =
         sweep(&Sender::Fanout(&fleet.conns), &fleet.users, &fleet.stats, &procs, opts, rates, "direct").await;
     let rss: Vec<u64> = procs.instances.iter().map(|p| env::rss_kib(*p)).collect();
-    let broker_rss = env::rss_kib(procs.broker);
+    let broker_rss = env::rss_kib_sum(&procs.brokers);
     let connect_rate = fleet.connect_rate;
     fleet.stop(Duration::from_millis(200)).await;
     print_steps(

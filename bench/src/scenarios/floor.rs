@@ -102,9 +102,9 @@ pub async fn broker_floor(opts: &Opts, rates: &[f64], run: u32) -> Res<Sweep> {
         }));
         pubs.push(c);
     }
-    let procs = Procs { instances: Vec::new(), broker: broker.proc.pid() };
+    let procs = Procs { instances: Vec::new(), brokers: vec![broker.proc.pid()] };
     let (idle_cpu, steps) = sweep(&Sender::Floor(&pubs), &users, &stats, &procs, opts, rates, "broker-floor").await;
-    let broker_rss = env::rss_kib(procs.broker);
+    let broker_rss = env::rss_kib_sum(&procs.brokers);
     for t in tasks {
         t.abort();
     }

@@ -21,14 +21,14 @@ pub async fn fanout(opts: &Opts, n: usize, settle: Duration, run: u32) -> Res<Id
     let procs = setup.procs();
     let (pid, port) = (procs.instances[0], setup.instances[0].port);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (inst0, brk0) = (env::rss_kib(pid), env::rss_kib(procs.broker));
+    let (inst0, brk0) = (env::rss_kib(pid), env::rss_kib_sum(&procs.brokers));
     let users = user_names("m", n);
     let srcs = env::source_addrs(opts.sources);
     let meter = Meter::start(&procs);
     let (wss, cps) = connect_all(opts, &users, &[port], &srcs, "idle-memory (fanout): connecting").await?;
     let cpu = meter.stop();
     tokio::time::sleep(settle).await;
-    let (inst1, brk1) = (env::rss_kib(pid), env::rss_kib(procs.broker));
+    let (inst1, brk1) = (env::rss_kib(pid), env::rss_kib_sum(&procs.brokers));
     let held = env::scrape(port, "fanout_connections", "").await.unwrap_or(-1.0);
     drop(wss);
     setup.stop();
@@ -59,16 +59,16 @@ pub async fn fanout(opts: &Opts, n: usize, settle: Duration, run: u32) -> Res<Id
 pub async fn no_tier(opts: &Opts, n: usize, settle: Duration, run: u32) -> Res<IdleMemory> {
     let broker = nt::start_broker(opts, &format!("idle-memory-no-tier-n{n}-run{run}"))?;
     let ws_port = broker.ws_port.ok_or("no websockets listener")?;
-    let procs = Procs { instances: Vec::new(), broker: broker.proc.pid() };
+    let procs = Procs { instances: Vec::new(), brokers: vec![broker.proc.pid()] };
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let brk0 = env::rss_kib(procs.broker);
+    let brk0 = env::rss_kib_sum(&procs.brokers);
     let users = user_names("m", n);
     let srcs = env::source_addrs(opts.sources);
     let meter = Meter::start(&procs);
     let (wss, cps) = nt::connect_all(opts, &users, ws_port, &srcs, "idle-memory (no-tier): connecting").await?;
     let cpu = meter.stop();
     tokio::time::sleep(settle).await;
-    let brk1 = env::rss_kib(procs.broker);
+    let brk1 = env::rss_kib_sum(&procs.brokers);
     let held = wss.len() as f64;
     drop(wss);
     drop(broker);

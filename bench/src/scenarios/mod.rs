@@ -11,6 +11,8 @@ mod idle;
 pub mod memory;
 mod no_tier;
 mod restart;
+mod subscale;
+pub mod synth;
 
 pub use amplification::amplification;
 pub use churn::churn;
@@ -19,6 +21,7 @@ pub use floor::broker_floor;
 pub use idle::idle;
 pub use no_tier::no_tier;
 pub use restart::restart_storm;
+pub use subscale::sub_scale;
 
 use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -31,7 +34,8 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use rumqttc::{AsyncClient, QoS};
 
 use crate::client::{self, chat_frame, Conn};
-use crate::env::{self, Broker, Instance, Res};
+use crate::engine::{Engine, EngineKind};
+use crate::env::{self, Instance, Res};
 use crate::mqtt_ws::MqttConn;
 use crate::report::{r3, r5, Cpu, StepReport};
 use crate::stats::{envelope, message_json, Stats};
@@ -63,21 +67,26 @@ pub fn user_names(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}{i}")).collect()
 }
 
-/// The processes under test: a Mosquitto and `count` fanout instances, logging to `--out/<name>`.
+/// The processes under test: a broker (`--engine`, Mosquitto by default) and `count` fanout
+/// instances (attached round-robin to the broker's nodes), logging to `--out/<name>`.
 pub struct Setup {
-    pub broker: Broker,
+    pub broker: Engine,
     pub instances: Vec<Instance>,
 }
 
 impl Setup {
     pub async fn start(opts: &Opts, name: &str, count: usize) -> Res<Setup> {
+        Setup::start_on(opts, opts.engine, name, count).await
+    }
+
+    pub async fn start_on(opts: &Opts, kind: EngineKind, name: &str, count: usize) -> Res<Setup> {
         let dir = opts.out.join(name);
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let broker = env::start_mosquitto(&opts.mosquitto, &dir, false)?;
+        let broker = tokio::task::block_in_place(|| Engine::start(kind, &opts.mosquitto, &dir))?;
         let args = env::InstanceArgs {
             bin: &opts.fanout,
             dir: &dir,
-            broker_port: broker.port,
+            broker_ports: broker.ports(),
             secret: &opts.jwt_secret,
             threads: opts.instance_threads,
         };
@@ -90,21 +99,22 @@ impl Setup {
     }
 
     pub fn procs(&self) -> Procs {
-        Procs { instances: self.instances.iter().map(|i| i.proc.pid()).collect(), broker: self.broker.proc.pid() }
+        Procs { instances: self.instances.iter().map(|i| i.proc.pid()).collect(), brokers: self.broker.pids() }
     }
 
     pub fn stop(mut self) {
         for i in &mut self.instances {
             i.proc.stop();
         }
-        self.broker.proc.stop();
+        self.broker.stop();
     }
 }
 
 /// Pids whose CPU a step meters.
 pub struct Procs {
     pub instances: Vec<u32>,
-    pub broker: u32,
+    /// the broker's processes: Mosquitto, or every RabbitMQ node's `beam.smp`
+    pub brokers: Vec<u32>,
 }
 
 /// A [`Setup`] with `users[i]` connected to instance `i % M`, every socket's reader reporting
@@ -122,7 +132,18 @@ pub struct Fleet {
 
 impl Fleet {
     pub async fn start(opts: &Opts, name: &str, instances: usize, users: Vec<String>, what: &str) -> Res<Fleet> {
-        let setup = Setup::start(opts, name, instances).await?;
+        Fleet::start_on(opts, opts.engine, name, instances, users, what).await
+    }
+
+    pub async fn start_on(
+        opts: &Opts,
+        kind: EngineKind,
+        name: &str,
+        instances: usize,
+        users: Vec<String>,
+        what: &str,
+    ) -> Res<Fleet> {
+        let setup = Setup::start_on(opts, kind, name, instances).await?;
         let ports = setup.ports();
         let srcs = env::source_addrs(opts.sources);
         let stats = Stats::new(Instant::now());
@@ -190,7 +211,7 @@ pub struct Meter {
     gen0: f64,
     pids: Vec<u32>,
     inst0: f64,
-    broker: u32,
+    brokers: Vec<u32>,
     broker0: f64,
     mach0: (f64, f64),
 }
@@ -202,8 +223,8 @@ impl Meter {
             gen0: env::self_cpu_secs(),
             pids: procs.instances.clone(),
             inst0: procs.instances.iter().map(|p| env::cpu_secs(*p)).sum(),
-            broker: procs.broker,
-            broker0: env::cpu_secs(procs.broker),
+            brokers: procs.brokers.clone(),
+            broker0: env::cpu_secs_sum(&procs.brokers),
             mach0: env::machine_jiffies(),
         }
     }
@@ -214,7 +235,7 @@ impl Meter {
         let wall = self.t0.elapsed().as_secs_f64().max(1e-6);
         let gen = (env::self_cpu_secs() - self.gen0) / wall;
         let inst = (self.pids.iter().map(|p| env::cpu_secs(*p)).sum::<f64>() - self.inst0) / wall;
-        let brk = (env::cpu_secs(self.broker) - self.broker0) / wall;
+        let brk = (env::cpu_secs_sum(&self.brokers) - self.broker0) / wall;
         let m = env::machine_jiffies();
         let busy = (m.0 - self.mach0.0) / (m.1 - self.mach0.1).max(1.0);
         Cpu {

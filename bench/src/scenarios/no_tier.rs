@@ -76,9 +76,9 @@ pub async fn no_tier(opts: &Opts, rates: &[f64], run: u32) -> Res<Sweep> {
     let stats = Stats::new(Instant::now());
     let (wss, cps) = connect_all(opts, &users, ws_port, &srcs, "no-tier: connecting").await?;
     let conns: Vec<mqtt_ws::MqttConn> = wss.into_iter().map(|ws| mqtt_ws::run(ws, Arc::clone(&stats))).collect();
-    let procs = Procs { instances: Vec::new(), broker: broker.proc.pid() };
+    let procs = Procs { instances: Vec::new(), brokers: vec![broker.proc.pid()] };
     let (idle_cpu, steps) = sweep(&Sender::NoTier(&conns), &users, &stats, &procs, opts, rates, "no-tier").await;
-    let broker_rss = env::rss_kib(procs.broker);
+    let broker_rss = env::rss_kib_sum(&procs.brokers);
     drop(conns);
     tokio::time::sleep(Duration::from_millis(200)).await;
     drop(broker);
