@@ -434,6 +434,34 @@ mod tests {
         eprintln!("seen() with a full {RECENT_IDS}-id window: {per:?} per message ({dups} dups)");
     }
 
+    #[tokio::test]
+    async fn an_outbox_owns_no_buffer_while_idle_and_gives_a_burst_back_when_drained() {
+        let (ob, mut rx) = Outbox::new(usize::MAX);
+        assert_eq!(ob.queue.lock().frames.capacity(), 0, "an idle outbox owns no buffer");
+        for _ in 0..100 {
+            assert_eq!(ob.push(Message::text("x")), Push::Queued);
+        }
+        assert!(ob.queue.lock().frames.capacity() >= 100);
+        for _ in 0..100 {
+            let (m, _) = rx.recv_stamped().await.unwrap();
+            ob.taken(&m);
+        }
+        assert_eq!(ob.queued_bytes(), 0);
+        assert!(ob.queue.lock().frames.capacity() <= KEEP_SLOTS, "the burst's buffer is freed");
+        drop(rx);
+        assert_eq!(ob.push(Message::text("x")), Push::Closed);
+        assert_eq!(ob.queued_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_writer_wakes_on_push() {
+        let (ob, mut rx) = Outbox::new(1000);
+        let waiter = tokio::spawn(async move { rx.recv_stamped().await.map(|(m, _)| m) });
+        tokio::task::yield_now().await;
+        assert_eq!(ob.push(Message::text("hi")), Push::Queued);
+        assert_eq!(waiter.await.unwrap(), Some(Message::text("hi")));
+    }
+
     #[test]
     fn outbox_overflow_is_by_bytes_and_sticky() {
         let (ob, _rx) = Outbox::new(10);

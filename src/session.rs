@@ -448,6 +448,26 @@ mod tests {
     const OP_PING: u8 = 0x9;
     const OP_PONG: u8 = 0xA;
 
+    #[tokio::test]
+    async fn spill_read_hands_over_a_large_read_in_small_pieces_and_keeps_nothing_after() {
+        let (mut a, b) = tokio::io::duplex(64 * 1024);
+        let data: Vec<u8> = (0..20_000u32).map(|i| i as u8).collect();
+        a.write_all(&data).await.unwrap();
+        drop(a);
+        let mut r = SpillRead::new(b);
+        let mut got = Vec::new();
+        let mut buf = [0u8; READ_BUFFER];
+        loop {
+            let n = r.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, data);
+        assert!(r.spill.is_none(), "nothing kept once everything was taken");
+    }
+
     struct Harness {
         node: Arc<Node>,
         link: FakeLink,
