@@ -196,13 +196,15 @@ impl Gateway {
     pub fn routes(
         self: Arc<Self>,
     ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone + Send + Sync + 'static {
-        let ws_path = self.node.cfg.ws_path.clone();
+        // The filter is cloned for every connection and every request (hyper's service): it
+        // captures only `Arc`s and the page as `Bytes`, so a clone copies no strings.
+        let ws_path = self.clone();
         let g = self.clone();
         // Every route matches its path before its method: a path nobody serves is 404 for
         // every method, a served path with another method is 405.
         let ws = warp::path::full()
             .and_then(move |p: FullPath| {
-                let ok = p.as_str() == ws_path;
+                let ok = p.as_str() == ws_path.node.cfg.ws_path;
                 async move {
                     if ok {
                         Ok(())
@@ -240,7 +242,7 @@ impl Gateway {
             r
         });
         let dev = matches!(self.node.cfg.auth, AuthMode::Secret { dev: true, .. });
-        let page = page_html(&self.node.cfg.ws_path, dev);
+        let page = bytes::Bytes::from(page_html(&self.node.cfg.ws_path, dev));
         let index = warp::path::end().and(warp::get()).map(move || {
             let mut r = Response::new(page.clone().into());
             let h = r.headers_mut();

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 
 /// How many recent message ids each user remembers to drop redeliveries. A duplicate can
@@ -42,10 +42,16 @@ pub enum Removed {
 }
 
 /// The sending side of one connection's outbound queue, bounded in bytes.
+///
+/// A plain deque under a lock rather than a channel: tokio's channels allocate their first
+/// block of 32 slots (~2.6 KiB here) when created, which every idle connection carried; an
+/// empty deque owns no memory, and one that grew for a burst is freed when drained.
 #[derive(Debug)]
 pub struct Outbox {
     /// Each frame carries when it was queued (for `fanout_delivery_latency_seconds`).
-    tx: mpsc::UnboundedSender<(Message, Instant)>,
+    queue: Mutex<Queue>,
+    /// Wakes the session's writer when a frame was queued.
+    ready: Notify,
     queued: AtomicUsize,
     limit: usize,
     overflowed: AtomicBool,
@@ -53,10 +59,32 @@ pub struct Outbox {
     pub overflow: Notify,
 }
 
+#[derive(Debug, Default)]
+struct Queue {
+    frames: VecDeque<(Message, Instant)>,
+    /// The receiving side was dropped: pushes fail with [`Push::Closed`].
+    closed: bool,
+}
+
+/// Frames a drained outbox may keep room for (the deque's first allocation); a larger one
+/// is freed when it empties, so a burst does not stay resident on an idle connection.
+const KEEP_SLOTS: usize = 4;
+
 /// The receiving side, owned by the session's writer.
 #[derive(Debug)]
 pub struct OutboxRx {
-    rx: mpsc::UnboundedReceiver<(Message, Instant)>,
+    outbox: Arc<Outbox>,
+}
+
+impl Drop for OutboxRx {
+    fn drop(&mut self) {
+        let mut q = self.outbox.queue.lock();
+        q.closed = true;
+        let dropped: usize = q.frames.drain(..).map(|(m, _)| m.len()).sum();
+        q.frames = VecDeque::new();
+        drop(q);
+        self.outbox.queued.fetch_sub(dropped, Ordering::AcqRel);
+    }
 }
 
 /// Result of pushing into an outbox.
@@ -71,15 +99,15 @@ pub enum Push {
 
 impl Outbox {
     pub fn new(limit: usize) -> (Arc<Outbox>, OutboxRx) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let ob = Outbox {
-            tx,
+        let ob = Arc::new(Outbox {
+            queue: Mutex::new(Queue::default()),
+            ready: Notify::new(),
             queued: AtomicUsize::new(0),
             limit,
             overflowed: AtomicBool::new(false),
             overflow: Notify::new(),
-        };
-        (Arc::new(ob), OutboxRx { rx })
+        });
+        (ob.clone(), OutboxRx { outbox: ob })
     }
 
     /// Queues `msg`, stamped with `at` (one clock read per fan-out, not per socket).
@@ -95,13 +123,17 @@ impl Outbox {
             self.overflow.notify_one();
             return Push::Overflow;
         }
-        match self.tx.send((msg, at)) {
-            Ok(()) => Push::Queued,
-            Err(_) => {
-                self.queued.fetch_sub(len, Ordering::AcqRel);
-                Push::Closed
-            }
+        let mut q = self.queue.lock();
+        if q.closed {
+            drop(q);
+            self.queued.fetch_sub(len, Ordering::AcqRel);
+            return Push::Closed;
         }
+        q.frames.push_back((msg, at));
+        drop(q);
+        // Stores a permit when the writer is not waiting: it finds the frame on its next look.
+        self.ready.notify_one();
+        Push::Queued
     }
 
     pub fn is_overflowed(&self) -> bool {
@@ -116,17 +148,32 @@ impl Outbox {
     pub fn queued_bytes(&self) -> usize {
         self.queued.load(Ordering::Relaxed)
     }
+
+    fn pop(&self) -> Option<(Message, Instant)> {
+        let mut q = self.queue.lock();
+        let m = q.frames.pop_front();
+        if q.frames.is_empty() && q.frames.capacity() > KEEP_SLOTS {
+            q.frames = VecDeque::new();
+        }
+        m
+    }
 }
 
 impl OutboxRx {
-    /// The next frame and when it was queued.
+    /// The next frame and when it was queued. Never `None` while the session holds its
+    /// outbox; cancel-safe (a frame is only taken when it is returned).
     pub async fn recv_stamped(&mut self) -> Option<(Message, Instant)> {
-        self.rx.recv().await
+        loop {
+            if let Some(m) = self.outbox.pop() {
+                return Some(m);
+            }
+            self.outbox.ready.notified().await;
+        }
     }
 
     /// The next queued frame if there is one, without waiting.
     pub fn try_recv_stamped(&mut self) -> Option<(Message, Instant)> {
-        self.rx.try_recv().ok()
+        self.outbox.pop()
     }
 }
 
@@ -385,6 +432,34 @@ mod tests {
         }
         let per = t.elapsed() / n as u32;
         eprintln!("seen() with a full {RECENT_IDS}-id window: {per:?} per message ({dups} dups)");
+    }
+
+    #[tokio::test]
+    async fn an_outbox_owns_no_buffer_while_idle_and_gives_a_burst_back_when_drained() {
+        let (ob, mut rx) = Outbox::new(usize::MAX);
+        assert_eq!(ob.queue.lock().frames.capacity(), 0, "an idle outbox owns no buffer");
+        for _ in 0..100 {
+            assert_eq!(ob.push(Message::text("x")), Push::Queued);
+        }
+        assert!(ob.queue.lock().frames.capacity() >= 100);
+        for _ in 0..100 {
+            let (m, _) = rx.recv_stamped().await.unwrap();
+            ob.taken(&m);
+        }
+        assert_eq!(ob.queued_bytes(), 0);
+        assert!(ob.queue.lock().frames.capacity() <= KEEP_SLOTS, "the burst's buffer is freed");
+        drop(rx);
+        assert_eq!(ob.push(Message::text("x")), Push::Closed);
+        assert_eq!(ob.queued_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_writer_wakes_on_push() {
+        let (ob, mut rx) = Outbox::new(1000);
+        let waiter = tokio::spawn(async move { rx.recv_stamped().await.map(|(m, _)| m) });
+        tokio::task::yield_now().await;
+        assert_eq!(ob.push(Message::text("hi")), Push::Queued);
+        assert_eq!(waiter.await.unwrap(), Some(Message::text("hi")));
     }
 
     #[test]

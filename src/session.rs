@@ -49,8 +49,12 @@ pub fn ws_config(cfg: &Config) -> WebSocketConfig {
         .max_frame_size(Some(cfg.max_message_bytes))
 }
 
-/// Initial read buffer of a socket; it grows for larger frames.
-const READ_BUFFER: usize = 4096;
+/// tungstenite's read buffer of a socket (it grows for a larger frame). tungstenite fills it
+/// with zeros before each read, so all of it is resident for the connection's lifetime: small,
+/// because [`SpillRead`] reads the socket in [`READ_CHUNK`]s on the stack and hands it over.
+const READ_BUFFER: usize = 512;
+/// Bytes read from the socket at once (a stack buffer, only while a read runs).
+const READ_CHUNK: usize = 8192;
 /// Frames are gathered up to this many bytes before a socket write; every batch is flushed.
 const WRITE_BUFFER: usize = 8192;
 
@@ -65,11 +69,98 @@ pub async fn serve(on_upgrade: OnUpgrade, id: Identity, sh: Arc<Node>) {
             Ok(Err(e)) => return debug!(error = %e, "upgrade failed"),
             Err(_) => return debug!("upgrade timed out"),
         };
-        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config(&sh.cfg))).await;
+        let io = SpillRead::new(TokioIo::new(upgraded));
+        let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config(&sh.cfg))).await;
         run(ws, id, conn_id, sh).await
     }
     .instrument(span)
     .await
+}
+
+/// Reads the socket in [`READ_CHUNK`]s into a stack buffer and copies into the caller's
+/// (smaller) buffer; bytes that did not fit wait in an exactly sized heap buffer that is freed
+/// once taken. So an idle connection holds no read buffer of its own, and tungstenite's can be
+/// small without costing a syscall per [`READ_BUFFER`] bytes.
+pub struct SpillRead<T> {
+    io: T,
+    spill: Option<Box<[u8]>>,
+    pos: usize,
+}
+
+impl<T> SpillRead<T> {
+    pub fn new(io: T) -> Self {
+        SpillRead { io, spill: None, pos: 0 }
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for SpillRead<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if let Some(spill) = &this.spill {
+            let n = (spill.len() - this.pos).min(buf.remaining());
+            buf.put_slice(&spill[this.pos..this.pos + n]);
+            this.pos += n;
+            if this.pos == spill.len() {
+                this.spill = None;
+                this.pos = 0;
+            }
+            return std::task::Poll::Ready(Ok(()));
+        }
+        if buf.remaining() >= READ_CHUNK {
+            return std::pin::Pin::new(&mut this.io).poll_read(cx, buf);
+        }
+        let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
+        let mut tmp = tokio::io::ReadBuf::uninit(&mut chunk);
+        std::task::ready!(std::pin::Pin::new(&mut this.io).poll_read(cx, &mut tmp))?;
+        let got = tmp.filled();
+        let n = got.len().min(buf.remaining());
+        buf.put_slice(&got[..n]);
+        if n < got.len() {
+            this.spill = Some(got[n..].into());
+            this.pos = 0;
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for SpillRead<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// Sends a close frame, best effort: the connection ends whether or not it got out.
@@ -356,6 +447,26 @@ mod tests {
     const OP_CLOSE: u8 = 0x8;
     const OP_PING: u8 = 0x9;
     const OP_PONG: u8 = 0xA;
+
+    #[tokio::test]
+    async fn spill_read_hands_over_a_large_read_in_small_pieces_and_keeps_nothing_after() {
+        let (mut a, b) = tokio::io::duplex(64 * 1024);
+        let data: Vec<u8> = (0..20_000u32).map(|i| i as u8).collect();
+        a.write_all(&data).await.unwrap();
+        drop(a);
+        let mut r = SpillRead::new(b);
+        let mut got = Vec::new();
+        let mut buf = [0u8; READ_BUFFER];
+        loop {
+            let n = r.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, data);
+        assert!(r.spill.is_none(), "nothing kept once everything was taken");
+    }
 
     struct Harness {
         node: Arc<Node>,
