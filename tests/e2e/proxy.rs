@@ -41,11 +41,16 @@ impl FaultProxy {
         let d = delay.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((client, _)) = listener.accept().await else { continue };
+                let Ok((client, from)) = listener.accept().await else { continue };
+                // Every connection in the test's output (printed when it fails), with the time
+                // to match against the instance's log.
+                let now = humantime::format_rfc3339_millis(std::time::SystemTime::now());
                 if *m.borrow() == Mode::Cut {
+                    eprintln!("proxy :{port} {now} refused {from} (cut)");
                     drop(client);
                     continue;
                 }
+                eprintln!("proxy :{port} {now} accepted {from}");
                 let rx = m.subscribe();
                 let delay = d.subscribe();
                 tokio::spawn(async move {
@@ -66,14 +71,17 @@ impl FaultProxy {
     }
 
     pub fn cut(&self) {
+        eprintln!("proxy :{} {} cut", self.port, humantime::format_rfc3339_millis(std::time::SystemTime::now()));
         self.mode.send_replace(Mode::Cut);
     }
 
     pub fn stall(&self) {
+        eprintln!("proxy :{} {} stall", self.port, humantime::format_rfc3339_millis(std::time::SystemTime::now()));
         self.mode.send_replace(Mode::Stall);
     }
 
     pub fn heal(&self) {
+        eprintln!("proxy :{} {} heal", self.port, humantime::format_rfc3339_millis(std::time::SystemTime::now()));
         self.mode.send_replace(Mode::Pass);
     }
 
