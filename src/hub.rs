@@ -69,6 +69,9 @@ struct Queue {
 /// Frames a drained outbox may keep room for (the deque's first allocation); a larger one
 /// is freed when it empties, so a burst does not stay resident on an idle connection.
 const KEEP_SLOTS: usize = 4;
+/// A deque that is not empty is shrunk only above this many slots (4.5 KiB), so bursts of up
+/// to this size cost no more reallocations than growing (they are freed once drained).
+const SHRINK_ABOVE: usize = 64;
 
 /// The receiving side, owned by the session's writer.
 #[derive(Debug)]
@@ -152,8 +155,16 @@ impl Outbox {
     fn pop(&self) -> Option<(Message, Instant)> {
         let mut q = self.queue.lock();
         let m = q.frames.pop_front();
-        if q.frames.is_empty() && q.frames.capacity() > KEEP_SLOTS {
-            q.frames = VecDeque::new();
+        let (len, cap) = (q.frames.len(), q.frames.capacity());
+        if cap > KEEP_SLOTS {
+            if len == 0 {
+                q.frames = VecDeque::new();
+            } else if cap > SHRINK_ABOVE && len * 4 < cap {
+                // A reader that never quite drains would otherwise keep the peak of a burst
+                // (72 bytes a slot, up to ~8k slots under the 1 MiB bound) for as long as it
+                // stays one frame behind. Halving at a quarter full is amortised O(1) per frame.
+                q.frames.shrink_to(len * 2);
+            }
         }
         m
     }
@@ -533,6 +544,51 @@ mod tests {
         assert!(cancelled > 0);
         assert_eq!(ob.queued_bytes(), 0);
         assert!(rx.try_recv_stamped().is_none());
+    }
+
+    /// The window `recv_stamped` leaves open: a push after `pop` found nothing and before the
+    /// writer waits. The push's notification must be kept for the wait (a permit), or the
+    /// frame would sit until the next push.
+    #[tokio::test]
+    async fn a_push_between_an_empty_pop_and_the_wait_is_not_lost() {
+        use futures_util::FutureExt;
+        let (ob, _rx) = Outbox::new(1000);
+        assert!(ob.pop().is_none());
+        assert_eq!(ob.push(Message::text("a")), Push::Queued);
+        assert!(ob.ready.notified().now_or_never().is_some(), "the writer's wait ends at once");
+        assert!(ob.pop().is_some());
+    }
+
+    /// A hostile reader that takes frames as fast as they come but never lets the queue
+    /// empty after a burst: the burst's buffer must not stay resident.
+    #[test]
+    fn a_reader_that_stays_one_frame_behind_does_not_keep_a_bursts_buffer() {
+        let (ob, mut rx) = Outbox::new(usize::MAX);
+        for _ in 0..8000 {
+            ob.push(Message::text("x"));
+        }
+        let peak = ob.queue.lock().frames.capacity();
+        assert!(peak >= 8000);
+        for _ in 0..7999 {
+            let (m, _) = rx.try_recv_stamped().unwrap();
+            ob.taken(&m);
+        }
+        for _ in 0..100 {
+            ob.push(Message::text("x"));
+            let (m, _) = rx.try_recv_stamped().unwrap();
+            ob.taken(&m);
+        }
+        let cap = ob.queue.lock().frames.capacity();
+        assert!(cap <= SHRINK_ABOVE, "{cap} slots kept of a {peak}-slot burst with one frame queued");
+        assert_eq!(ob.queued_bytes(), 1);
+        // Steady one-in-one-out traffic keeps its small buffer rather than reallocating.
+        let before = ob.queue.lock().frames.capacity();
+        for _ in 0..100 {
+            ob.push(Message::text("x"));
+            let (m, _) = rx.try_recv_stamped().unwrap();
+            ob.taken(&m);
+        }
+        assert_eq!(ob.queue.lock().frames.capacity(), before);
     }
 
     /// A push that lands while the writer's waiter is registered, with that waiter dropped
