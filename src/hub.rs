@@ -69,6 +69,9 @@ struct Queue {
 /// Frames a drained outbox may keep room for (the deque's first allocation); a larger one
 /// is freed when it empties, so a burst does not stay resident on an idle connection.
 const KEEP_SLOTS: usize = 4;
+/// A deque that is not empty is shrunk only above this many slots (4.5 KiB), so bursts of up
+/// to this size cost no more reallocations than growing (they are freed once drained).
+const SHRINK_ABOVE: usize = 64;
 
 /// The receiving side, owned by the session's writer.
 #[derive(Debug)]
@@ -152,8 +155,16 @@ impl Outbox {
     fn pop(&self) -> Option<(Message, Instant)> {
         let mut q = self.queue.lock();
         let m = q.frames.pop_front();
-        if q.frames.is_empty() && q.frames.capacity() > KEEP_SLOTS {
-            q.frames = VecDeque::new();
+        let (len, cap) = (q.frames.len(), q.frames.capacity());
+        if cap > KEEP_SLOTS {
+            if len == 0 {
+                q.frames = VecDeque::new();
+            } else if cap > SHRINK_ABOVE && len * 4 < cap {
+                // A reader that never quite drains would otherwise keep the peak of a burst
+                // (72 bytes a slot, up to ~8k slots under the 1 MiB bound) for as long as it
+                // stays one frame behind. Halving at a quarter full is amortised O(1) per frame.
+                q.frames.shrink_to(len * 2);
+            }
         }
         m
     }
@@ -321,6 +332,7 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     impl Hub {
         fn add(&self, user: &str, conn: ConnRef) -> Added {
@@ -472,5 +484,190 @@ mod tests {
         // A single frame larger than the bound still goes into an empty queue.
         let (ob, _rx) = Outbox::new(4);
         assert_eq!(ob.push(Message::text("123456")), Push::Queued);
+    }
+
+    /// A writer whose `recv_stamped` is dropped and re-created every loop turn (the session's
+    /// `select!`), racing pushers on other threads: every frame arrives, none waits for a later
+    /// push (each pusher stops and waits for its frames before pushing again), and the byte
+    /// count ends at zero.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_frame_is_stuck_when_the_writer_is_cancelled_every_turn_under_concurrent_pushes() {
+        const THREADS: usize = 4;
+        const ROUNDS: usize = 300;
+        let (ob, mut rx) = Outbox::new(usize::MAX);
+        let delivered: Arc<Vec<AtomicUsize>> = Arc::new((0..THREADS).map(|_| AtomicUsize::new(0)).collect());
+        let pushers: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let ob = ob.clone();
+                let delivered = delivered.clone();
+                std::thread::spawn(move || {
+                    for r in 0..ROUNDS {
+                        assert_eq!(ob.push(Message::binary(vec![t as u8; 1 + r % 7])), Push::Queued);
+                        // This thread pushes nothing more until its frame was seen: a frame
+                        // that waits for the next push would hold it up (and time out below).
+                        while delivered[t].load(Ordering::Acquire) <= r {
+                            std::thread::yield_now();
+                        }
+                    }
+                })
+            })
+            .collect();
+        let mut got = 0;
+        let mut cancelled = 0u64;
+        let tick = tokio::sync::Notify::new();
+        while got < THREADS * ROUNDS {
+            tick.notify_one();
+            let step = tokio::time::timeout(Duration::from_secs(5), async {
+                tokio::select! {
+                    m = rx.recv_stamped() => m,
+                    // Ready on some turns only: the receive is dropped half-registered.
+                    _ = tick.notified(), if got % 3 == 0 => None,
+                }
+            })
+            .await
+            .expect("a queued frame was never handed to the writer");
+            match step {
+                Some((m, _)) => {
+                    ob.taken(&m);
+                    got += 1;
+                    delivered[m.into_data()[0] as usize].fetch_add(1, Ordering::AcqRel);
+                }
+                None => cancelled += 1,
+            }
+            if got % 2 == 1 {
+                tokio::task::yield_now().await;
+            }
+        }
+        for p in pushers {
+            p.join().unwrap();
+        }
+        assert!(cancelled > 0);
+        assert_eq!(ob.queued_bytes(), 0);
+        assert!(rx.try_recv_stamped().is_none());
+    }
+
+    /// The window `recv_stamped` leaves open: a push after `pop` found nothing and before the
+    /// writer waits. The push's notification must be kept for the wait (a permit), or the
+    /// frame would sit until the next push.
+    #[tokio::test]
+    async fn a_push_between_an_empty_pop_and_the_wait_is_not_lost() {
+        use futures_util::FutureExt;
+        let (ob, _rx) = Outbox::new(1000);
+        assert!(ob.pop().is_none());
+        assert_eq!(ob.push(Message::text("a")), Push::Queued);
+        assert!(ob.ready.notified().now_or_never().is_some(), "the writer's wait ends at once");
+        assert!(ob.pop().is_some());
+    }
+
+    /// A hostile reader that takes frames as fast as they come but never lets the queue
+    /// empty after a burst: the burst's buffer must not stay resident.
+    #[test]
+    fn a_reader_that_stays_one_frame_behind_does_not_keep_a_bursts_buffer() {
+        let (ob, mut rx) = Outbox::new(usize::MAX);
+        for _ in 0..8000 {
+            ob.push(Message::text("x"));
+        }
+        let peak = ob.queue.lock().frames.capacity();
+        assert!(peak >= 8000);
+        for _ in 0..7999 {
+            let (m, _) = rx.try_recv_stamped().unwrap();
+            ob.taken(&m);
+        }
+        for _ in 0..100 {
+            ob.push(Message::text("x"));
+            let (m, _) = rx.try_recv_stamped().unwrap();
+            ob.taken(&m);
+        }
+        let cap = ob.queue.lock().frames.capacity();
+        assert!(cap <= SHRINK_ABOVE, "{cap} slots kept of a {peak}-slot burst with one frame queued");
+        assert_eq!(ob.queued_bytes(), 1);
+        // Steady one-in-one-out traffic keeps its small buffer rather than reallocating.
+        let before = ob.queue.lock().frames.capacity();
+        for _ in 0..100 {
+            ob.push(Message::text("x"));
+            let (m, _) = rx.try_recv_stamped().unwrap();
+            ob.taken(&m);
+        }
+        assert_eq!(ob.queue.lock().frames.capacity(), before);
+    }
+
+    /// A push that lands while the writer's waiter is registered, with that waiter dropped
+    /// before it runs (select picked another branch): the next receive still finds the frame,
+    /// and a stale permit (frames taken by `try_recv_stamped`) makes it wait, not end.
+    #[tokio::test]
+    async fn a_notification_given_to_a_dropped_receive_is_not_lost() {
+        use futures_util::FutureExt;
+        let (ob, mut rx) = Outbox::new(1000);
+        {
+            let mut f = Box::pin(rx.recv_stamped());
+            assert!(futures_util::poll!(&mut f).is_pending(), "registered as a waiter");
+            assert_eq!(ob.push(Message::text("a")), Push::Queued);
+            // Dropped without being polled again: the notification it was given goes with it.
+        }
+        let (m, _) = rx.recv_stamped().now_or_never().expect("the frame is found at once").unwrap();
+        ob.taken(&m);
+        for _ in 0..3 {
+            ob.push(Message::text("b"));
+        }
+        while let Some((m, _)) = rx.try_recv_stamped() {
+            ob.taken(&m);
+        }
+        // The permit of those pushes is still stored: the receive consumes it and waits.
+        let mut f = Box::pin(rx.recv_stamped());
+        assert!(futures_util::poll!(&mut f).is_pending());
+        ob.push(Message::text("c"));
+        assert_eq!(f.now_or_never().unwrap().unwrap().0, Message::text("c"));
+        assert_eq!(ob.queued_bytes(), 1, "only the frame just received is still counted");
+    }
+
+    /// Many threads push against a small bound while the writer takes frames and then goes
+    /// away mid-flood: the count never exceeds what the deque holds, overflow is reported only
+    /// with bytes queued, and after the drop the count is zero and every push is refused.
+    #[test]
+    fn byte_count_survives_concurrent_pushes_overflow_and_drop() {
+        for round in 0..50 {
+            let (ob, mut rx) = Outbox::new(4096);
+            let stop = Arc::new(AtomicBool::new(false));
+            let pushers: Vec<_> = (0..4)
+                .map(|t| {
+                    let ob = ob.clone();
+                    let stop = stop.clone();
+                    std::thread::spawn(move || {
+                        let mut i = 0usize;
+                        let mut outcomes = [0usize; 3];
+                        while !stop.load(Ordering::Relaxed) {
+                            let p = ob.push(Message::binary(vec![0u8; 1 + (i * 31 + t) % 300]));
+                            outcomes[p as usize] += 1;
+                            i += 1;
+                        }
+                        outcomes
+                    })
+                })
+                .collect();
+            let mut taken = 0;
+            while taken < 200 && !ob.is_overflowed() {
+                if let Some((m, _)) = rx.try_recv_stamped() {
+                    ob.taken(&m);
+                    taken += 1;
+                }
+                let in_deque: usize = ob.queue.lock().frames.iter().map(|(m, _)| m.len()).sum();
+                // Pushers add before they queue: the count may lead the deque, never trail it.
+                assert!(ob.queued_bytes() >= in_deque, "round {round}");
+            }
+            if round % 2 == 0 {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            drop(rx);
+            std::thread::sleep(Duration::from_millis(1));
+            stop.store(true, Ordering::Relaxed);
+            for p in pushers {
+                p.join().unwrap();
+            }
+            assert_eq!(ob.queued_bytes(), 0, "round {round}: nothing is counted once the writer is gone");
+            assert!(ob.queue.lock().frames.is_empty());
+            assert_eq!(ob.queue.lock().frames.capacity(), 0);
+            let p = ob.push(Message::text("x"));
+            assert!(p == Push::Closed || p == Push::Overflow, "round {round}: {p:?}");
+        }
     }
 }

@@ -468,6 +468,186 @@ mod tests {
         assert!(r.spill.is_none(), "nothing kept once everything was taken");
     }
 
+    /// A socket as the kernel hands it over: segments of any size, `Pending` between some of
+    /// them, then EOF or an error. A segment larger than the reader's buffer is split.
+    enum Seg {
+        Data(Vec<u8>),
+        Pending,
+        Fail,
+    }
+
+    struct Wire(std::collections::VecDeque<Seg>);
+
+    impl tokio::io::AsyncRead for Wire {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            match self.0.pop_front() {
+                None => std::task::Poll::Ready(Ok(())),
+                Some(Seg::Pending) => {
+                    cx.waker().wake_by_ref();
+                    std::task::Poll::Pending
+                }
+                Some(Seg::Fail) => std::task::Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into())),
+                Some(Seg::Data(mut d)) => {
+                    let n = d.len().min(buf.remaining());
+                    buf.put_slice(&d[..n]);
+                    if n < d.len() {
+                        self.0.push_front(Seg::Data(d.split_off(n)));
+                    }
+                    std::task::Poll::Ready(Ok(()))
+                }
+            }
+        }
+    }
+
+    impl tokio::io::AsyncWrite for Wire {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            b: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::task::Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A client frame, masked with a key that changes the payload.
+    fn masked(op: u8, payload: &[u8]) -> Vec<u8> {
+        let key = [0x37, 0xfa, 0x21, 0x3d];
+        let mut f = vec![0x80 | op];
+        match payload.len() {
+            n if n < 126 => f.push(0x80 | n as u8),
+            n if n < 65_536 => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(0x80 | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(&key);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        f
+    }
+
+    /// Everything a session reads through [`SpillRead`] with the service's own config, until
+    /// the stream ends or fails: the messages, and whether it failed.
+    async fn read_all(segs: Vec<Seg>) -> (Vec<Message>, bool, bool) {
+        let cfg = config(&[]);
+        let io = SpillRead::new(Wire(segs.into()));
+        let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config(&cfg))).await;
+        let mut got = Vec::new();
+        let failed = loop {
+            match tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("the read hung") {
+                Some(Ok(m)) => got.push(m),
+                Some(Err(_)) => break true,
+                None => break false,
+            }
+        };
+        (got, failed, ws.get_ref().spill.is_none())
+    }
+
+    #[tokio::test]
+    async fn spill_read_under_tungstenite_delivers_small_and_max_size_frames_split_anywhere() {
+        let max = config(&[]).max_message_bytes;
+        let mut want = Vec::new();
+        // Many small frames in one TCP segment (more than one READ_CHUNK of them).
+        let mut burst = Vec::new();
+        for i in 0..3000 {
+            let m = format!("m{i}");
+            burst.extend(masked(OP_TEXT, m.as_bytes()));
+            want.push(Message::text(m));
+        }
+        assert!(burst.len() > 2 * READ_CHUNK);
+        let mut segs = vec![Seg::Data(burst)];
+        // Frames of the largest allowed size (and around the chunk sizes), cut at every
+        // awkward length, with the socket not ready in between.
+        let cuts = [1, 7, 511, 512, 513, 8191, 8192, 8193, 20_000];
+        for (k, len) in [max, READ_CHUNK - 1, READ_CHUNK, READ_CHUNK + 1, READ_BUFFER, max - 1].into_iter().enumerate()
+        {
+            let payload: Vec<u8> = (0..len).map(|i| (i * 7 + k) as u8).collect();
+            let mut f = masked(0x2, &payload);
+            want.push(Message::binary(payload));
+            let mut c = 0;
+            while !f.is_empty() {
+                let n = cuts[c % cuts.len()].min(f.len());
+                let rest = f.split_off(n);
+                segs.push(Seg::Data(f));
+                f = rest;
+                if c % 3 == 0 {
+                    segs.push(Seg::Pending);
+                }
+                c += 1;
+            }
+        }
+        // A small frame glued to the end of a large one's last piece, and a close.
+        let mut tail = masked(OP_TEXT, b"after");
+        want.push(Message::text("after"));
+        tail.extend(masked(OP_CLOSE, &1000u16.to_be_bytes()));
+        segs.push(Seg::Data(tail));
+        let (got, _, clean) = read_all(segs).await;
+        assert_eq!(got.len(), want.len() + 1, "every frame and the close");
+        assert!(got[..want.len()] == want[..], "payloads intact and in order");
+        assert!(matches!(got[want.len()], Message::Close(_)));
+        assert!(clean, "nothing kept once read");
+    }
+
+    #[tokio::test]
+    async fn spill_read_under_tungstenite_ends_on_eof_mid_frame_and_on_a_socket_error() {
+        let frame = masked(0x2, &vec![9u8; 40_000]);
+        // EOF in the middle of a frame, with a spill pending when it comes.
+        let (got, failed, _) =
+            read_all(vec![Seg::Data(masked(OP_TEXT, b"x")), Seg::Data(frame[..20_000].to_vec())]).await;
+        assert_eq!(got, [Message::text("x")]);
+        assert!(failed, "a truncated frame is an error, not a message");
+        // A reset after part of a frame.
+        let (got, failed, _) = read_all(vec![
+            Seg::Data(frame[..9000].to_vec()),
+            Seg::Pending,
+            Seg::Fail,
+            Seg::Data(frame[9000..].to_vec()),
+        ])
+        .await;
+        assert!(got.is_empty());
+        assert!(failed);
+    }
+
+    #[tokio::test]
+    async fn spill_read_hands_a_spill_over_before_reading_on_with_a_large_buffer() {
+        let data: Vec<u8> = (0..30_000u32).map(|i| (i % 251) as u8).collect();
+        let mut r =
+            SpillRead::new(Wire(vec![Seg::Data(data[..10_000].to_vec()), Seg::Data(data[10_000..].to_vec())].into()));
+        let mut got = vec![0u8; 100];
+        let n = r.read(&mut got).await.unwrap();
+        got.truncate(n);
+        // Buffers at least READ_CHUNK read the socket directly, but only after the spill.
+        let mut big = vec![0u8; 3 * READ_CHUNK];
+        loop {
+            let n = r.read(&mut big).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&big[..n]);
+        }
+        assert_eq!(got, data);
+        assert!(r.spill.is_none());
+    }
+
     struct Harness {
         node: Arc<Node>,
         link: FakeLink,
