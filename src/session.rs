@@ -448,6 +448,17 @@ mod tests {
     const OP_PING: u8 = 0x9;
     const OP_PONG: u8 = 0xA;
 
+    /// Reads `r` to its end through `buf` (reads of at most its size), appending to `got`.
+    async fn read_to_end_by(r: &mut (impl tokio::io::AsyncRead + Unpin), buf: &mut [u8], got: &mut Vec<u8>) {
+        loop {
+            let n = r.read(buf).await.unwrap();
+            if n == 0 {
+                return;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+
     #[tokio::test]
     async fn spill_read_hands_over_a_large_read_in_small_pieces_and_keeps_nothing_after() {
         let (mut a, b) = tokio::io::duplex(64 * 1024);
@@ -456,14 +467,7 @@ mod tests {
         drop(a);
         let mut r = SpillRead::new(b);
         let mut got = Vec::new();
-        let mut buf = [0u8; READ_BUFFER];
-        loop {
-            let n = r.read(&mut buf).await.unwrap();
-            if n == 0 {
-                break;
-            }
-            got.extend_from_slice(&buf[..n]);
-        }
+        read_to_end_by(&mut r, &mut [0u8; READ_BUFFER], &mut got).await;
         assert_eq!(got, data);
         assert!(r.spill.is_none(), "nothing kept once everything was taken");
     }
@@ -636,14 +640,7 @@ mod tests {
         let n = r.read(&mut got).await.unwrap();
         got.truncate(n);
         // Buffers at least READ_CHUNK read the socket directly, but only after the spill.
-        let mut big = vec![0u8; 3 * READ_CHUNK];
-        loop {
-            let n = r.read(&mut big).await.unwrap();
-            if n == 0 {
-                break;
-            }
-            got.extend_from_slice(&big[..n]);
-        }
+        read_to_end_by(&mut r, &mut vec![0u8; 3 * READ_CHUNK], &mut got).await;
         assert_eq!(got, data);
         assert!(r.spill.is_none());
     }
