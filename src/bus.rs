@@ -75,6 +75,9 @@ pub const WINDOW_BYTES: usize = 4 << 20;
 /// [`WINDOW`] so SUBSCRIBEs (which take packet ids too) rarely bring a publish's id round again
 /// while it is in flight; if one does, rumqttc holds it back until the id is free (no loss).
 const RUMQTTC_INFLIGHT: u16 = 4096;
+/// Requests written per flush at most (patched rumqttc, `patches/README.md`): only those
+/// already in the channel, so a lone publish is never held back.
+const REQUEST_BATCH: usize = 64;
 /// Capacity of rumqttc's request channel: the window plus subscribe/unsubscribe bursts.
 const REQUEST_CHANNEL: usize = WINDOW + 4096;
 
@@ -187,6 +190,8 @@ fn mqtt_options(client_id: &str, target: &BrokerTarget, max_message_bytes: usize
     // a peer instance may allow larger messages).
     o.set_max_packet_size(MQTT_MAX_PACKET, max_outgoing(max_message_bytes));
     o.set_inflight(RUMQTTC_INFLIGHT);
+    // Requests already waiting when the event loop writes one go out in the same write.
+    o.set_max_request_batch(REQUEST_BATCH);
     if let Some(u) = username {
         o.set_credentials(u.clone(), password.clone().unwrap_or_default());
     }
@@ -1197,6 +1202,68 @@ mod tests {
         match f.requests().as_slice() {
             [Request::Unsubscribe(u)] => assert_eq!(u.topics, ["msg/a"]),
             other => panic!("expected the retried UNSUBSCRIBE, got {other:?}"),
+        }
+    }
+
+    /// Packets in `buf` (fixed header, one-byte remaining length: the test's are short) and
+    /// whether the last one is whole.
+    fn packets(buf: &[u8]) -> (Vec<u8>, bool) {
+        let (mut kinds, mut at) = (Vec::new(), 0);
+        while at + 2 <= buf.len() {
+            let len = buf[at + 1] as usize;
+            assert!(len < 128, "a test packet is short");
+            if at + 2 + len > buf.len() {
+                return (kinds, false);
+            }
+            kinds.push(buf[at] >> 4);
+            at += 2 + len;
+        }
+        (kinds, at == buf.len())
+    }
+
+    /// The patched rumqttc (`patches/README.md`): publishes already waiting in the request
+    /// channel leave with the first one, so a single poll of the event loop puts every one of
+    /// them on the wire. Unpatched, one poll writes one publish and the read below times out.
+    #[tokio::test]
+    async fn publishes_waiting_in_the_channel_leave_with_the_first_in_one_poll() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let target = BrokerTarget { host: "127.0.0.1".into(), port, username: None, password: None };
+        let (client, mut el) = AsyncClient::new(mqtt_options("batch-test", &target, 1024, true), 100);
+        let broker = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = Vec::new();
+            while !packets(&buf).1 || buf.is_empty() {
+                s.read_buf(&mut buf).await.unwrap();
+            }
+            assert_eq!(packets(&buf).0, [1], "CONNECT");
+            s.write_all(&[0x20, 2, 0, 0]).await.unwrap();
+            s
+        });
+        let first = tokio::time::timeout(Duration::from_secs(5), el.poll()).await.unwrap().unwrap();
+        assert!(matches!(first, Event::Incoming(Packet::ConnAck(_))), "{first:?}");
+        let mut s = broker.await.unwrap();
+
+        for i in 0..10 {
+            client.try_publish(format!("msg/u{i}"), QOS, false, vec![b'x'; 20]).unwrap();
+        }
+        let polled = tokio::time::timeout(Duration::from_secs(5), el.poll()).await.unwrap().unwrap();
+        assert!(matches!(polled, Event::Outgoing(Outgoing::Publish(1))), "{polled:?}");
+        let mut buf = Vec::new();
+        while packets(&buf).0.len() < 10 {
+            match tokio::time::timeout(Duration::from_secs(2), s.read_buf(&mut buf)).await {
+                Ok(r) => assert!(r.unwrap() > 0, "the client closed"),
+                Err(_) => break,
+            }
+        }
+        let (kinds, whole) = packets(&buf);
+        assert_eq!(kinds, [3; 10], "ten PUBLISHes after one poll");
+        assert!(whole);
+        // Every request still yields its own event, in order, without touching the network.
+        for pkid in 2..=10 {
+            let ev = tokio::time::timeout(Duration::from_secs(1), el.poll()).await.unwrap().unwrap();
+            assert!(matches!(ev, Event::Outgoing(Outgoing::Publish(p)) if p == pkid), "{ev:?}");
         }
     }
 
