@@ -49,6 +49,35 @@ async fn acked_messages_replayed_against_a_broker_answering_300ms_late_all_arriv
     eprintln!("replay: {N} acked during a black hole, all delivered once and in order {took:?} after the heal (300 ms answers)");
 }
 
+/// A broker that stops reading while the bus writes batches of large publishes (the review
+/// of the batched broker writes, `patches/README.md`): the link must still be declared down by
+/// rumqttc's flush timeout, not hang in a write without one (it hung until the kernel gave
+/// up, ~15 min, when a batch passed the framed buffer's own 8 KiB flush), and everything acked
+/// arrives once and in order after the heal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_stops_reading_under_8k_publishes_is_declared_down_and_nothing_is_lost() {
+    let FaultSetup { proxy, a, b: _b, mut alice, bob, m: _m } = FaultSetup::start(unlimited, |o| o).await;
+    proxy.stall();
+    const N: usize = 700;
+    let pad = "p".repeat(7_900);
+    for i in 0..N {
+        let cmid = format!("st{i:05}");
+        alice
+            .send_json(json!({"event": "send_chat_message_to_participant",
+                "data": {"participantId": "bob", "message": {"seq": i, "pad": pad}, "clientMessageId": cmid}}))
+            .await;
+    }
+    acks_within(&alice, N, Duration::from_secs(30)).await;
+    let t0 = Instant::now();
+    wait_until("the stalled link declared down", Duration::from_secs(30), || a.output().contains("broker link down"))
+        .await;
+    eprintln!("stalled broker noticed {:?} after the last ack", t0.elapsed());
+    proxy.heal();
+    wait_until("every acked message reaches bob", Duration::from_secs(60), || bob.events("chat_message").len() >= N)
+        .await;
+    assert_all_once_in_order(&bob, "st", N);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn order_holds_across_two_link_failures_in_a_row() {
     let FaultSetup { proxy, a, b, mut alice, bob, m: _m } = FaultSetup::start(unlimited, |o| o).await;

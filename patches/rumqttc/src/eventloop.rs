@@ -247,6 +247,12 @@ impl EventLoop {
                     }
                     // Requests that are already waiting go out with this one, in one flush.
                     for _ in 1..self.mqtt_options.max_request_batch {
+                        // Stop below Framed's backpressure boundary (8 KiB): past it `write`
+                        // flushes by itself, without the network timeout below, and a peer
+                        // that stops reading would hang the event loop (no keepalive, no reads).
+                        if network.buffered() >= 8 * 1024 {
+                            break;
+                        }
                         let more = self.state.inflight < self.mqtt_options.inflight
                             && self.state.collision.is_none();
                         let next = if !self.pending.is_empty() {
@@ -261,8 +267,13 @@ impl EventLoop {
                             None
                         };
                         let Some(request) = next else { break };
+                        // Nothing may follow a DISCONNECT on this connection (MQTT-3.14.4-1).
+                        let last = matches!(request, Request::Disconnect(_));
                         if let Some(outgoing) = self.state.handle_outgoing_packet(request)? {
                             network.write(outgoing).await?;
+                        }
+                        if last {
+                            break;
                         }
                     }
                     match time::timeout(network_timeout, network.flush()).await {

@@ -84,6 +84,11 @@ impl Network {
             .map_err(StateError::Deserialization)
     }
 
+    /// Bytes written into the buffer and not yet flushed
+    pub fn buffered(&self) -> usize {
+        self.framed.write_buffer().len()
+    }
+
     pub async fn flush(&mut self) -> Result<(), crate::state::StateError> {
         self.framed
             .flush()
